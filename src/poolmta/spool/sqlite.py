@@ -1,0 +1,352 @@
+"""spool.sqlite - the default spool: one SQLite file in WAL mode, group commit
+
+One writer thread owns the writing connection. Callers submit operations;
+the thread takes every operation that is waiting, runs them in a single
+transaction and commits once (synchronous=FULL: the WAL is fsynced before the
+commit returns), then wakes every caller. So concurrent SMTP sessions share
+one fsync instead of paying one each, and no caller's ``accept`` returns
+before its message is on disk. Reads use a second connection in their own
+thread; WAL lets them run while the writer commits.
+
+The body sits in its own table, written once; recipients carry the state
+that changes after every attempt. When a message has no pending recipient
+left its body is dropped; the envelope, recipient results and trace stay.
+
+TRUST: the file is ours; content is stored as opaque bytes.
+
+CONFIG: server.data_dir
+
+SEE ALSO: spool/store.py (the protocol), trace/recorder.py (events share this file)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from ..model import Decision, Envelope, Facts, Message, Origin, Recipient, Role, domain_of
+from .store import PENDING, QueueEntry, RecipientState, RecipientUpdate, StoredMessage, StoredRecipient
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages(
+    queue_id     TEXT PRIMARY KEY,
+    received_at  REAL NOT NULL,
+    mail_from    TEXT NOT NULL,
+    envelope     TEXT NOT NULL,
+    origin       TEXT NOT NULL,
+    message_id   TEXT NOT NULL DEFAULT '',
+    pool         TEXT NOT NULL,
+    decision     TEXT NOT NULL,
+    facts        TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    pending      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_mid ON messages(message_id);
+CREATE INDEX IF NOT EXISTS messages_from ON messages(mail_from);
+CREATE TABLE IF NOT EXISTS bodies(
+    queue_id TEXT PRIMARY KEY,
+    data     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients(
+    queue_id     TEXT NOT NULL,
+    idx          INTEGER NOT NULL,
+    address      TEXT NOT NULL,
+    domain       TEXT NOT NULL,
+    notify       TEXT NOT NULL DEFAULT '',
+    orcpt        TEXT NOT NULL DEFAULT '',
+    original     TEXT NOT NULL DEFAULT '',
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_reply   TEXT NOT NULL DEFAULT '',
+    status       TEXT NOT NULL DEFAULT '',
+    remote_mta   TEXT NOT NULL DEFAULT '',
+    dsn_sent     INTEGER NOT NULL DEFAULT 0,
+    updated      REAL NOT NULL,
+    PRIMARY KEY(queue_id, idx)
+);
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state IN ('queued', 'deferred');
+CREATE INDEX IF NOT EXISTS recipients_addr ON recipients(address);
+CREATE TABLE IF NOT EXISTS events(
+    id        INTEGER PRIMARY KEY,
+    queue_id  TEXT NOT NULL,
+    ts        REAL NOT NULL,
+    kind      TEXT NOT NULL,
+    data      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_qid ON events(queue_id);
+"""
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.execute("PRAGMA busy_timeout=30000")
+    con.execute("PRAGMA foreign_keys=OFF")
+    return con
+
+
+class _Writer(threading.Thread):
+    """Group commit: run every waiting operation in one transaction."""
+
+    def __init__(self, path: str):
+        super().__init__(name="spool-writer", daemon=True)
+        self.con = _connect(path)
+        self.con.executescript(SCHEMA)
+        self.q: queue.Queue = queue.Queue()
+        self.batches = 0
+        self.ops = 0
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                break
+            batch = [item]
+            while True:
+                try:
+                    nxt = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.q.put(None)
+                    break
+                batch.append(nxt)
+            results: list[tuple[Any, Any, Any, Any]] = []
+            try:
+                self.con.execute("BEGIN IMMEDIATE")
+                for fn, loop, fut in batch:
+                    self.con.execute("SAVEPOINT op")
+                    try:
+                        r = fn(self.con)
+                        self.con.execute("RELEASE op")
+                        results.append((loop, fut, r, None))
+                    except Exception as e:           # one bad op must not sink the batch
+                        self.con.execute("ROLLBACK TO op")
+                        self.con.execute("RELEASE op")
+                        results.append((loop, fut, None, e))
+                self.con.execute("COMMIT")
+            except Exception as e:
+                try:
+                    self.con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                results = [(loop, fut, None, e) for fn, loop, fut in batch]
+            self.batches += 1
+            self.ops += len(batch)
+            for loop, fut, r, e in results:
+                if fut is not None:
+                    loop.call_soon_threadsafe(_settle, fut, r, e)
+        self.con.close()
+
+
+def _settle(fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+def _envelope_json(env: Envelope) -> str:
+    return json.dumps(asdict(env), separators=(",", ":"))
+
+
+def _envelope_from(s: str) -> Envelope:
+    d = json.loads(s)
+    d["recipients"] = tuple(Recipient(r["address"], tuple(r["notify"]), r["orcpt"], r["original"]) for r in d["recipients"])
+    return Envelope(**d)
+
+
+def _decision_from(s: str) -> Decision:
+    d = json.loads(s)
+    return Decision(Role(d["role"]), d["pool"], tuple(d["reasons"]), tuple(d.get("recheck", ())))
+
+
+def _message_id(content: bytes) -> str:
+    """The Message-ID header's value, found without parsing the whole message."""
+    head = content.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n"):
+        if line[:11].lower() == b"message-id:":
+            return line[11:].strip().decode("utf-8", "replace")[:255]
+    return ""
+
+
+class SQLiteSpool:
+    """The Spool protocol on one SQLite file (``DATA_DIR/spool.db``)."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self.path = str(Path(data_dir) / "spool.db")
+        self._writer = _Writer(self.path)
+        self._writer.start()
+        self._reader = _connect(self.path)
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-reader")
+        self._closed = False
+
+    # -- plumbing --------------------------------------------------------
+    def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._writer.q.put((fn, loop, fut))
+        return fut
+
+    def write_nowait(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        """Queue a write that nobody waits for (trace events): it rides the next commit."""
+        self._writer.q.put((fn, None, None))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._reads, fn, self._reader)
+
+    def stats(self) -> dict:
+        return {"commits": self._writer.batches, "operations": self._writer.ops}
+
+    # -- the protocol ----------------------------------------------------
+    async def accept(self, msg: Message, facts: Facts, decision: Decision) -> None:
+        env = msg.envelope
+        now = msg.received_at
+        mrow = (msg.queue_id, msg.received_at, env.mail_from, _envelope_json(env),
+                json.dumps(asdict(msg.origin), separators=(",", ":")), _message_id(msg.content),
+                decision.pool, json.dumps(decision.to_dict(), separators=(",", ":")),
+                json.dumps(facts.to_dict(), separators=(",", ":")), len(msg.content), len(env.recipients))
+        rrows = [(msg.queue_id, i, r.address, domain_of(r.address), ",".join(r.notify), r.orcpt, r.original,
+                  RecipientState.QUEUED.value, 0, now, now) for i, r in enumerate(env.recipients)]
+        content = msg.content
+
+        def op(con: sqlite3.Connection) -> None:
+            con.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?)", mrow)
+            con.execute("INSERT INTO bodies VALUES (?,?)", (msg.queue_id, content))
+            con.executemany("INSERT INTO recipients(queue_id, idx, address, domain, notify, orcpt, original, state,"
+                            " attempts, next_attempt, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rrows)
+        await self._write(op)
+
+    async def due(self, now: float, limit: int, busy: set[tuple[str, str]]) -> list[tuple[str, str, list[int]]]:
+        def op(con: sqlite3.Connection):
+            rows = con.execute(
+                "SELECT queue_id, domain, idx FROM recipients WHERE state IN ('queued','deferred') AND next_attempt <= ?"
+                " ORDER BY next_attempt LIMIT ?", (now, limit * 20 + len(busy) * 20)).fetchall()
+            groups: dict[tuple[str, str], list[int]] = {}
+            for qid, dom, idx in rows:
+                key = (qid, dom)
+                if key in busy:
+                    continue
+                if key not in groups and len(groups) >= limit:
+                    continue
+                groups.setdefault(key, []).append(idx)
+            return [(q, d, idxs) for (q, d), idxs in groups.items()]
+        return await self._read(op)
+
+    async def next_due_time(self) -> float | None:
+        def op(con):
+            r = con.execute("SELECT MIN(next_attempt) FROM recipients WHERE state IN ('queued','deferred')").fetchone()
+            return r[0]
+        return await self._read(op)
+
+    async def get(self, queue_id: str) -> StoredMessage | None:
+        def op(con):
+            m = con.execute("SELECT queue_id, received_at, envelope, origin, decision, facts, message_id FROM messages"
+                            " WHERE queue_id = ?", (queue_id,)).fetchone()
+            if m is None:
+                return None
+            body = con.execute("SELECT data FROM bodies WHERE queue_id = ?", (queue_id,)).fetchone()
+            rows = con.execute("SELECT idx, address, domain, state, attempts, next_attempt, last_reply, status,"
+                               " remote_mta, notify, orcpt, original, dsn_sent FROM recipients WHERE queue_id = ?"
+                               " ORDER BY idx", (queue_id,)).fetchall()
+            return m, (body[0] if body else b""), rows
+        got = await self._read(op)
+        if got is None:
+            return None
+        m, body, rows = got
+        origin = Origin(**json.loads(m[3]))
+        msg = Message(m[0], _envelope_from(m[2]), origin, bytes(body), m[1])
+        rcpts = tuple(StoredRecipient(r[0], r[1], r[2], RecipientState(r[3]), r[4], r[5], r[6], r[7], r[8],
+                                      tuple(x for x in r[9].split(",") if x), r[10], r[11], bool(r[12])) for r in rows)
+        return StoredMessage(msg, _decision_from(m[4]), json.loads(m[5]), rcpts, m[6])
+
+    async def update(self, queue_id: str, updates: list[RecipientUpdate], now: float) -> None:
+        rows = [(u.state.value, u.next_attempt, 1 if u.attempted else 0, u.reply, u.status, u.remote_mta, now,
+                 queue_id, u.idx) for u in updates]
+
+        def op(con: sqlite3.Connection):
+            con.executemany("UPDATE recipients SET state=?, next_attempt=?, attempts=attempts+?,"
+                            " last_reply=CASE WHEN ?4 = '' THEN last_reply ELSE ?4 END,"
+                            " status=CASE WHEN ?5 = '' THEN status ELSE ?5 END,"
+                            " remote_mta=CASE WHEN ?6 = '' THEN remote_mta ELSE ?6 END, updated=?"
+                            " WHERE queue_id=? AND idx=?", rows)
+            pending = con.execute("SELECT COUNT(*) FROM recipients WHERE queue_id=? AND state IN ('queued','deferred')",
+                                  (queue_id,)).fetchone()[0]
+            con.execute("UPDATE messages SET pending=? WHERE queue_id=?", (pending, queue_id))
+            if pending == 0:
+                con.execute("DELETE FROM bodies WHERE queue_id=? AND NOT EXISTS (SELECT 1 FROM recipients"
+                            " WHERE queue_id=? AND state IN ('bounced','expired') AND dsn_sent=0)", (queue_id, queue_id))
+        await self._write(op)
+
+    async def set_decision(self, queue_id: str, decision: Decision, facts: Facts) -> None:
+        def op(con):
+            con.execute("UPDATE messages SET pool=?, decision=?, facts=? WHERE queue_id=?",
+                        (decision.pool, json.dumps(decision.to_dict()), json.dumps(facts.to_dict()), queue_id))
+        await self._write(op)
+
+    async def mark_dsn_sent(self, queue_id: str, idxs: list[int]) -> None:
+        def op(con):
+            con.executemany("UPDATE recipients SET dsn_sent=1 WHERE queue_id=? AND idx=?", [(queue_id, i) for i in idxs])
+            con.execute("DELETE FROM bodies WHERE queue_id=? AND NOT EXISTS (SELECT 1 FROM recipients WHERE queue_id=?"
+                        " AND (state IN ('queued','deferred') OR (state IN ('bounced','expired') AND dsn_sent=0)))",
+                        (queue_id, queue_id))
+        await self._write(op)
+
+    async def undelivered_dsns(self) -> list[str]:
+        """Messages with failed recipients whose DSN was not made yet (after a crash)."""
+        def op(con):
+            return [r[0] for r in con.execute(
+                "SELECT DISTINCT queue_id FROM recipients WHERE state IN ('bounced','expired') AND dsn_sent=0")]
+        return await self._read(op)
+
+    async def list(self, limit: int = 1000) -> list[QueueEntry]:
+        def op(con):
+            ms = con.execute("SELECT queue_id, received_at, mail_from, pool, size, pending FROM messages"
+                             " WHERE pending > 0 ORDER BY received_at LIMIT ?", (limit,)).fetchall()
+            out = []
+            for q in ms:
+                rs = con.execute("SELECT address, state, last_reply FROM recipients WHERE queue_id=? ORDER BY idx",
+                                 (q[0],)).fetchall()
+                out.append(QueueEntry(q[0], q[1], q[2], q[3], q[4], q[5], tuple(tuple(r) for r in rs)))
+            return out
+        return await self._read(op)
+
+    async def retry(self, queue_id: str | None, now: float) -> int:
+        def op(con):
+            if queue_id:
+                cur = con.execute("UPDATE recipients SET next_attempt=? WHERE queue_id=? AND state IN ('queued','deferred')",
+                                  (now, queue_id))
+            else:
+                cur = con.execute("UPDATE recipients SET next_attempt=? WHERE state IN ('queued','deferred')", (now,))
+            return cur.rowcount
+        return await self._write(op)
+
+    async def delete(self, queue_id: str) -> bool:
+        def op(con):
+            n = con.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,)).rowcount
+            con.execute("DELETE FROM bodies WHERE queue_id=?", (queue_id,))
+            con.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
+            return n > 0
+        return await self._write(op)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.q.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+        self._reads.shutdown(wait=True)
+        self._reader.close()

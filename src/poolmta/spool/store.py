@@ -1,0 +1,125 @@
+"""spool.store - what the spool promises, independent of where it keeps things
+
+The Spool protocol is the only way any stage touches the queue (the way
+Postfix's cleanup owns the incoming queue and qmgr reads it). The body is
+written once at accept; the per-recipient state is updated after each
+attempt, as KumoMTA keeps its data and meta spools apart.
+
+TRUST: everything here was accepted by ingress and routed; ``accept`` must
+not return before the message is durable.
+
+SEE ALSO: spool/sqlite.py, spool/schedule.py, deliver/scheduler.py
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from ..model import Decision, Facts, Message
+
+
+class RecipientState(StrEnum):
+    QUEUED = "queued"          # never tried
+    DEFERRED = "deferred"      # tried, temporary failure, will retry
+    DELIVERED = "delivered"    # final: 2xx from the receiver
+    BOUNCED = "bounced"        # final: 5xx, null MX, …
+    EXPIRED = "expired"        # final: still deferred at the end of the queue lifetime
+
+    @property
+    def final(self) -> bool:
+        return self in (RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.EXPIRED)
+
+
+PENDING = (RecipientState.QUEUED.value, RecipientState.DEFERRED.value)
+
+
+@dataclass(frozen=True)
+class StoredRecipient:
+    idx: int
+    address: str
+    domain: str
+    state: RecipientState
+    attempts: int
+    next_attempt: float
+    last_reply: str            # the last remote (or our own) reply, "550 5.1.1 …"
+    status: str                # enhanced status code of last_reply
+    remote_mta: str            # host that gave last_reply
+    notify: tuple[str, ...]
+    orcpt: str
+    original: str
+    dsn_sent: bool
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    message: Message
+    decision: Decision
+    facts: dict
+    recipients: tuple[StoredRecipient, ...]
+    message_id: str
+
+
+@dataclass(frozen=True)
+class RecipientUpdate:
+    idx: int
+    state: RecipientState
+    next_attempt: float
+    reply: str = ""
+    status: str = ""
+    remote_mta: str = ""
+    attempted: bool = True     # False: only the schedule moved (e.g. source-domain recheck)
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A line of `poolmta queue list`."""
+    queue_id: str
+    received_at: float
+    mail_from: str
+    pool: str
+    size: int
+    pending: int
+    recipients: tuple[tuple[str, str, str], ...]   # (address, state, last_reply)
+
+
+class Spool(Protocol):
+    async def accept(self, msg: Message, facts: Facts, decision: Decision) -> None:
+        """Store envelope, body and decision; return only once durable."""
+
+    async def due(self, now: float, limit: int, busy: set[tuple[str, str]]) -> list[tuple[str, str, list[int]]]:
+        """Up to ``limit`` (queue_id, domain, recipient idxs) groups whose next attempt is due."""
+
+    async def next_due_time(self) -> float | None: ...
+
+    async def get(self, queue_id: str) -> StoredMessage | None: ...
+
+    async def update(self, queue_id: str, updates: list[RecipientUpdate], now: float) -> None: ...
+
+    async def set_decision(self, queue_id: str, decision: Decision, facts: Facts) -> None: ...
+
+    async def mark_dsn_sent(self, queue_id: str, idxs: list[int]) -> None: ...
+
+    async def list(self, limit: int = 1000) -> list[QueueEntry]: ...
+
+    async def retry(self, queue_id: str | None, now: float) -> int: ...
+
+    async def delete(self, queue_id: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+_counter = 0
+
+
+def new_queue_id() -> str:
+    """Time-ordered, unique within the host: 11 hex digits of microseconds and 5 of
+    randomness and a counter, upper-case like Postfix's queue ids."""
+    global _counter
+    _counter = (_counter + 1) & 0xFFF
+    us = int(time.time() * 1_000_000) & 0xFFFFFFFFFFFFF
+    rnd = int.from_bytes(os.urandom(1), "big") >> 4
+    return f"{us:013X}{rnd:X}{_counter:03X}"

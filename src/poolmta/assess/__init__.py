@@ -1,0 +1,30 @@
+"""assess - run the independent checks on a message, concurrently, into one Facts
+
+Each check is ``async def check(msg, ctx) -> SomeFact``: it finds out one
+thing and decides nothing. They share one resolver (with its cache) through
+``ctx``.
+
+SEE ALSO: model.Facts, route/decide.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ..dns import Resolver
+from ..model import Facts, Message
+from ..tenancy import Directory
+from . import dsn, forwarded, source_domain, spam
+
+
+@dataclass(frozen=True)
+class Context:
+    resolver: Resolver
+    directory: Directory
+
+
+async def assess(msg: Message, ctx: Context) -> Facts:
+    d, sd, sp, fw = await asyncio.gather(
+        dsn.check(msg, ctx), source_domain.check(msg, ctx), spam.check(msg, ctx), forwarded.check(msg, ctx))
+    return Facts(dsn=d, source_domain=sd, spam=sp, forwarded=fw)

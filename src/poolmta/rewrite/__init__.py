@@ -1,0 +1,1 @@
+"""rewrite - apply a routing decision to the message (trace headers now; SRS and DKIM later)."""

@@ -1,0 +1,30 @@
+"""rewrite.headers - the Received header we prepend for our own hop
+
+STANDARDS: RFC 5321 §4.4 (trace information), RFC 5322 §3.6.7
+
+SEE ALSO: pipeline.py
+"""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+
+from ..model import Message
+
+
+def received(msg: Message, hostname: str) -> bytes:
+    o = msg.origin
+    proto = "ESMTPA" if o.auth_user else "ESMTP"
+    helo = o.helo or "unknown"
+    rcpt = msg.envelope.recipients[0].address if len(msg.envelope.recipients) == 1 else ""
+    line = (f"Received: from {helo} ([{o.client_ip}])\r\n"
+            f"\tby {hostname} (poolmta) with {proto} id {msg.queue_id}"
+            + (f"\r\n\tfor <{rcpt}>" if rcpt else "")
+            + f"; {formatdate(msg.received_at, usegmt=True)}\r\n")
+    return line.encode("utf-8", "surrogateescape")
+
+
+def prepend_received(msg: Message, hostname: str) -> bytes:
+    if msg.origin.kind != "smtp":
+        return msg.content
+    return received(msg, hostname) + msg.content

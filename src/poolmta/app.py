@@ -1,0 +1,76 @@
+"""app - the composition root: build every stage from config and wire them in pipeline order
+
+Nothing else constructs services; settings and services are passed down
+explicitly (no process-wide singletons), so a test can run two gateways in
+one process.
+
+CONFIG: all sections.
+
+SEE ALSO: pipeline.py, cli.py (serve)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from .assess import Context
+from .clock import Clock, SystemClock
+from .config import Config
+from .dns import make_resolver
+from .pipeline import Pipeline
+from .route import Policy
+from .spool.sqlite import SQLiteSpool
+from .tenancy import Directory
+from .trace import Recorder
+
+log = logging.getLogger("poolmta")
+
+
+class Gateway:
+    def __init__(self, cfg: Config, clock: Clock | None = None, resolver=None, connector=None):
+        from .deliver.scheduler import Scheduler
+        from .ingress.server import IngressServer
+
+        self.cfg = cfg
+        self.clock = clock or SystemClock()
+        self.resolver = resolver or make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache_ttl_max,
+                                                  self.clock)
+        self.directory = Directory(cfg)
+        self.spool = SQLiteSpool(cfg.server.data_dir)
+        self.trace = Recorder(self.clock, self.spool)
+        self.pipeline = Pipeline(Context(self.resolver, self.directory), Policy(cfg.pool_for_role()), self.spool,
+                                 self.trace, self.clock, cfg.server.hostname)
+        self.scheduler = Scheduler(spool=self.spool, pipeline=self.pipeline, resolver=self.resolver,
+                                   pools=cfg.pool_objects(), cfg=cfg.delivery, trace=self.trace, clock=self.clock,
+                                   hostname=cfg.server.hostname, connector=connector)
+        self.pipeline.on_queued = self.scheduler.wake
+        self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock)
+
+    async def start(self) -> None:
+        await self.scheduler.start()
+        await self.ingress.start()
+        log.info("poolmta listening on %s (port %s), pools: %s", self.cfg.server.listen, self.ingress.port,
+                 ", ".join(f"{n}({p.role})={','.join(s.address for s in p.sources)}"
+                           for n, p in self.cfg.pool_objects().items()))
+
+    async def stop(self) -> None:
+        await self.ingress.stop()
+        await self.scheduler.stop()
+        await self.spool.close()
+
+
+async def serve(cfg: Config, ready=None) -> None:
+    """Run a gateway until SIGTERM/SIGINT."""
+    gw = Gateway(cfg)
+    await gw.start()
+    if ready:
+        ready(gw)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await gw.stop()

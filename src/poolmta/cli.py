@@ -1,0 +1,378 @@
+"""cli - the `poolmta` command: parse arguments, call one function per subcommand
+
+  poolmta serve [--config FILE]
+  poolmta config check FILE | config params | config defaults
+  poolmta hash-password [--stdin]
+  poolmta route MESSAGE.eml --mail-from A --rcpt B [--rcpt C] [--client-ip IP] [--auth-user U] [--config F] [--json]
+  poolmta route --rules
+  poolmta trace [QUEUE-ID | --message-id ID | --sender A | --recipient B] [--json] [--config F]
+  poolmta queue list|show ID|retry [ID|--all]|delete ID [--config F] [--json]
+
+SEE ALSO: app.py, config.py, trace/query.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import os
+import sqlite3
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def _load_config(path: str | None):
+    from .config import ConfigError, load
+    try:
+        return load(path)
+    except ConfigError as e:
+        print(f"poolmta: configuration error\n{e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)   # aiosmtpd's per-command chatter
+
+
+# ---- serve ---------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    import dataclasses
+    from .app import serve
+    cfg = _load_config(args.config)
+    if args.data_dir:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, data_dir=args.data_dir))
+    if args.listen:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, listen=args.listen))
+    _setup_logging(args.log_level)
+    try:
+        Path(cfg.server.data_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"poolmta: cannot create server.data_dir {cfg.server.data_dir}: {e.strerror}; "
+              f"set server.data_dir in the config or pass --data-dir", file=sys.stderr)
+        return 2
+
+    def ready(gw):
+        print(f"poolmta: listening on {cfg.server.listen.rsplit(':', 1)[0]}:{gw.ingress.port}; "
+              f"spool {cfg.server.data_dir}; config {cfg.source_file}", file=sys.stderr, flush=True)
+    try:
+        asyncio.run(serve(cfg, ready))
+    except OSError as e:
+        print(f"poolmta: cannot start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- config --------------------------------------------------------------------
+
+def cmd_config(args) -> int:
+    from . import config
+    if args.action == "check":
+        if not args.file:
+            print("poolmta config check: name the file to check", file=sys.stderr)
+            return 2
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except OSError as e:
+            print(f"{args.file}: cannot read: {e.strerror}", file=sys.stderr)
+            return 2
+        problems = config.check_text(text, args.file)
+        for p in problems:
+            print(p)
+        errors = sum(p.severity == "error" for p in problems)
+        warnings = len(problems) - errors
+        print(f"{args.file}: {errors} error(s), {warnings} warning(s)")
+        return 1 if errors else 0
+    if args.action == "params":
+        for section, key, default, doc in config.documented_fields():
+            name = f"{section}.{key}" if section else key
+            print(f"{name} = {default!r}\n    {doc}")
+        return 0
+    if args.action == "defaults":
+        print(config.DEFAULT_TOML, end="")
+        return 0
+    return 2
+
+
+def cmd_hash_password(args) -> int:
+    from .tenancy import hash_password
+    if args.stdin:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    else:
+        pw = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != pw:
+            print("poolmta: passwords differ", file=sys.stderr)
+            return 1
+    if not pw:
+        print("poolmta: empty password refused", file=sys.stderr)
+        return 1
+    print(hash_password(pw))
+    return 0
+
+
+# ---- route ---------------------------------------------------------------------
+
+def cmd_route(args) -> int:
+    from .route.reasons import Reason
+    from .route.rules import table
+    if args.rules:
+        for order, code, role, summary in table():
+            print(f"{order}. {code:<28} -> {role:<9}  {summary}")
+        return 0
+    if not args.message or not args.rcpt or args.mail_from is None:
+        print("poolmta route: give MESSAGE.eml, --mail-from and at least one --rcpt (or --rules)", file=sys.stderr)
+        return 2
+    cfg = _load_config(args.config)
+    result = asyncio.run(_route(cfg, args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"pool:     {result['decision']['pool']} ({result['decision']['role']})")
+    print("reasons:")
+    for r in result["decision"]["reasons"]:
+        print(f"  - {r}: {Reason(r).doc}")
+    if result["decision"]["recheck"]:
+        print(f"recheck before delivery: {', '.join(result['decision']['recheck'])}")
+    print(f"tenant:   {result['origin']['tenant'] or '(none)'}")
+    f = result["facts"]
+    print("facts:")
+    print(f"  dsn:            {f['dsn']['is_dsn']} {f['dsn']['why']}")
+    print(f"  source domain:  {f['source_domain']['domain'] or '(null sender)'}: {f['source_domain']['state']}"
+          f" {f['source_domain']['detail']}")
+    print(f"  spam:           {f['spam']['is_spam']} ({f['spam']['engine']}) {f['spam']['detail']}")
+    print(f"  forwarded:      {f['forwarded']['forwarded']} (sender domain {f['forwarded']['sender_domain'] or '-'},"
+          f" {f['forwarded']['external_recipients']} external recipient(s))")
+    return 0
+
+
+async def _route(cfg, args) -> dict:
+    from dataclasses import asdict
+    from .assess import Context
+    from .clock import SystemClock
+    from .dns import make_resolver
+    from .model import Envelope, Message, Origin, Recipient
+    from .pipeline import Pipeline
+    from .route import Policy
+    from .tenancy import Directory
+
+    clock = SystemClock()
+    directory = Directory(cfg)
+    resolver = make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache_ttl_max, clock)
+    raw = Path(args.message).read_bytes() if args.message != "-" else sys.stdin.buffer.read()
+    content = _crlf(raw)
+    mail_from = args.mail_from.strip("<>")
+    tenant, connector, trusted = "", "", False
+    if args.auth_user:
+        tenant = directory.tenant_of_user(args.auth_user)
+    elif args.client_ip and (m := directory.connector_for(args.client_ip)):
+        tenant, connector, trusted = m.tenant, m.name, m.trusted
+    if not tenant:
+        tenant = directory.tenant_for_route(mail_from, args.rcpt)
+    origin = Origin(client_ip=args.client_ip or "127.0.0.1", auth_user=args.auth_user or "", tenant=tenant,
+                    connector=connector, trusted_connector=trusted, kind="cli")
+    env = Envelope(mail_from, tuple(Recipient(r) for r in args.rcpt))
+    msg = Message("ROUTE", env, origin, content, clock.now())
+    pipe = Pipeline(Context(resolver, directory), Policy(cfg.pool_for_role()), None, None, clock, cfg.server.hostname)
+    facts, decision = await pipe.decide(msg)
+    return {"decision": decision.to_dict(), "facts": facts.to_dict(), "origin": asdict(origin)}
+
+
+def _crlf(raw: bytes) -> bytes:
+    if raw.startswith(b"From ") and b"\n" in raw:          # an mbox "From " envelope line
+        raw = raw.split(b"\n", 1)[1]
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+# ---- trace and queue -----------------------------------------------------------
+
+def _fmt_ts(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def cmd_trace(args) -> int:
+    from .trace import query
+    cfg = _load_config(args.config)
+    try:
+        con = query.open_readonly(cfg.server.data_dir)
+    except FileNotFoundError as e:
+        print(f"poolmta: {e}", file=sys.stderr)
+        return 1
+    if args.queue_id:
+        ids = [args.queue_id]
+    else:
+        ids = query.find(con, message_id=args.message_id or "", sender=args.sender or "",
+                         recipient=args.recipient or "", limit=args.limit)
+    out = []
+    for qid in ids:
+        events = query.timeline(con, qid)
+        if not events:
+            continue
+        out.append({"queue_id": qid, "summary": query.summary(con, qid), "events": events})
+    if not out:
+        print("poolmta: no matching message in the trace", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out if not args.queue_id else out[0], indent=2, default=str))
+        return 0
+    for m in out:
+        print(f"== {m['queue_id']}  pool={m['summary'].get('routed', '?')}  reasons={','.join(m['summary'].get('reasons', []))}")
+        for ev in m["events"]:
+            data = {k: v for k, v in ev.items() if k not in ("ts", "event")}
+            print(f"  {_fmt_ts(ev['ts'])}  {ev['event']:<14} {_compact(data)}")
+    return 0
+
+
+def _compact(data: dict) -> str:
+    parts = []
+    for k, v in data.items():
+        if v in ("", None, [], {}, False) and k not in ("is_dsn",):
+            continue
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, separators=(",", ":"), default=str)
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def _rw(data_dir: str) -> sqlite3.Connection:
+    path = Path(data_dir) / "spool.db"
+    if not path.exists():
+        raise FileNotFoundError(f"no spool at {path}")
+    con = sqlite3.connect(path, timeout=30, isolation_level=None)
+    con.execute("PRAGMA busy_timeout=30000")
+    return con
+
+
+def _event(con: sqlite3.Connection, qid: str, kind: str, **data) -> None:
+    con.execute("INSERT INTO events(queue_id, ts, kind, data) VALUES (?,?,?,?)",
+                (qid, time.time(), kind, json.dumps(data)))
+
+
+def cmd_queue(args) -> int:
+    from .trace import query
+    cfg = _load_config(args.config)
+    try:
+        con = _rw(cfg.server.data_dir)
+    except FileNotFoundError as e:
+        print(f"poolmta: {e}", file=sys.stderr)
+        return 1
+    if args.action == "list":
+        rows = con.execute("SELECT queue_id, received_at, mail_from, pool, size FROM messages WHERE pending > 0"
+                           " ORDER BY received_at").fetchall()
+        if args.json:
+            print(json.dumps([query.message_row(con, r[0]) for r in rows], indent=2))
+            return 0
+        for qid, ts, sender, pool, size in rows:
+            print(f"{qid}  {size:>8}  {_fmt_ts(ts)}  {pool:<10} <{sender}>")
+            for addr, state, attempts, reply in con.execute(
+                    "SELECT address, state, attempts, last_reply FROM recipients WHERE queue_id=? AND state IN"
+                    " ('queued','deferred') ORDER BY idx", (qid,)):
+                print(f"      {addr}  {state} after {attempts} attempt(s){'  (' + reply + ')' if reply else ''}")
+        print(f"-- {len(rows)} message(s) in queue")
+        return 0
+    if args.action == "show":
+        if not args.queue_id:
+            print("poolmta queue show: give a queue id", file=sys.stderr)
+            return 2
+        row = query.message_row(con, args.queue_id)
+        if row is None:
+            print(f"poolmta: no message {args.queue_id}", file=sys.stderr)
+            return 1
+        print(json.dumps(row, indent=2))
+        return 0
+    if args.action == "retry":
+        now = time.time()
+        if args.all:
+            n = con.execute("UPDATE recipients SET next_attempt=? WHERE state IN ('queued','deferred')", (now,)).rowcount
+            _event(con, "*", "retry-requested", by=getpass.getuser(), scope="all")
+        elif args.queue_id:
+            n = con.execute("UPDATE recipients SET next_attempt=? WHERE queue_id=? AND state IN ('queued','deferred')",
+                            (now, args.queue_id)).rowcount
+            _event(con, args.queue_id, "retry-requested", by=getpass.getuser())
+        else:
+            print("poolmta queue retry: give a queue id or --all", file=sys.stderr)
+            return 2
+        print(f"{n} recipient(s) scheduled for immediate retry")
+        return 0
+    if args.action == "delete":
+        if not args.queue_id:
+            print("poolmta queue delete: give a queue id", file=sys.stderr)
+            return 2
+        con.execute("BEGIN IMMEDIATE")
+        n = con.execute("UPDATE recipients SET state='deleted' WHERE queue_id=? AND state IN ('queued','deferred')",
+                        (args.queue_id,)).rowcount
+        con.execute("UPDATE messages SET pending=0 WHERE queue_id=?", (args.queue_id,))
+        con.execute("DELETE FROM bodies WHERE queue_id=?", (args.queue_id,))
+        _event(con, args.queue_id, "deleted", by=getpass.getuser(), recipients=n)
+        con.execute("COMMIT")
+        print(f"deleted {args.queue_id}: {n} pending recipient(s) dropped" if n else f"poolmta: nothing pending for {args.queue_id}")
+        return 0 if n else 1
+    return 2
+
+
+# ---- argument parsing ----------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="poolmta", description="Outbound mail gateway with delivery pools.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--config", help="TOML config (default: the embedded defaults)")
+    s.add_argument("--data-dir", help="override server.data_dir")
+    s.add_argument("--listen", help="override server.listen")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=cmd_serve)
+
+    c = sub.add_parser("config", help="check or document configuration")
+    c.add_argument("action", choices=["check", "params", "defaults"])
+    c.add_argument("file", nargs="?")
+    c.set_defaults(fn=cmd_config)
+
+    h = sub.add_parser("hash-password", help="hash a password for tenants.*.users[].password_hash")
+    h.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    h.set_defaults(fn=cmd_hash_password)
+
+    r = sub.add_parser("route", help="assess and route a message without sending it")
+    r.add_argument("message", nargs="?", help="message file (RFC 5322), or - for stdin")
+    r.add_argument("--mail-from", help="envelope sender (\"\" for the null reverse-path)")
+    r.add_argument("--rcpt", action="append", default=[], help="envelope recipient (repeatable)")
+    r.add_argument("--client-ip", help="client IP the message came from (matches connectors)")
+    r.add_argument("--auth-user", help="SMTP AUTH user it was submitted as")
+    r.add_argument("--config")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--rules", action="store_true", help="print the routing rule table")
+    r.set_defaults(fn=cmd_route)
+
+    t = sub.add_parser("trace", help="show the event timeline of messages")
+    t.add_argument("queue_id", nargs="?")
+    t.add_argument("--message-id")
+    t.add_argument("--sender")
+    t.add_argument("--recipient")
+    t.add_argument("--limit", type=int, default=20)
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--config")
+    t.set_defaults(fn=cmd_trace)
+
+    q = sub.add_parser("queue", help="list, show, retry or delete queued messages (like postqueue)")
+    q.add_argument("action", choices=["list", "show", "retry", "delete"])
+    q.add_argument("queue_id", nargs="?")
+    q.add_argument("--all", action="store_true", help="with retry: every deferred message")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--config")
+    q.set_defaults(fn=cmd_queue)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""route(facts, policy) as a table: facts in, pool and reasons out (DESIGN.md §3)."""
+
+import pytest
+
+from poolmta.model import DomainState, DsnFact, Facts, ForwardFact, Role, SourceDomainFact, SpamFact
+from poolmta.route import Policy, route
+from poolmta.route.reasons import Reason
+from poolmta.route.rules import RULES, table
+
+
+def facts(dsn=False, sd=DomainState.RESOLVES, spam=False, fwd=False):
+    return Facts(dsn=DsnFact(dsn, "null-reverse-path" if dsn else ""),
+                 source_domain=SourceDomainFact("example.org", sd),
+                 spam=SpamFact(spam, "gtube" if spam else "builtin"),
+                 forwarded=ForwardFact(fwd, "example.org", "t", 1 if fwd else 0))
+
+
+CASES = [
+    # id, facts, pool, reasons (deciding first), recheck
+    ("plain", facts(), "normal", ["normal"], []),
+    ("dsn", facts(dsn=True), "high-risk", ["dsn"], []),
+    ("no-record", facts(sd=DomainState.NO_RECORD), "high-risk", ["source-domain-unresolvable"], []),
+    ("null-mx", facts(sd=DomainState.NULL_MX), "high-risk", ["source-domain-null-mx"], []),
+    ("spam", facts(spam=True), "high-risk", ["spam"], []),
+    ("forwarded", facts(fwd=True), "relay", ["relay-unauthenticated"], []),
+    # precedence: every match recorded, the first decides
+    ("spam beats relay", facts(spam=True, fwd=True), "high-risk", ["spam", "relay-unauthenticated"], []),
+    ("dsn beats all", facts(dsn=True, sd=DomainState.NO_RECORD, spam=True, fwd=True), "high-risk",
+     ["dsn", "source-domain-unresolvable", "spam", "relay-unauthenticated"], []),
+    ("unresolvable forwarded", facts(sd=DomainState.NO_RECORD, fwd=True), "high-risk",
+     ["source-domain-unresolvable", "relay-unauthenticated"], []),
+    # a DNS failure is not "no record": not high-risk, noted and re-checked
+    ("temperror", facts(sd=DomainState.TEMPERROR), "normal", ["normal", "source-domain-temperror"], ["source-domain"]),
+    ("temperror relay", facts(sd=DomainState.TEMPERROR, fwd=True), "relay",
+     ["relay-unauthenticated", "source-domain-temperror"], ["source-domain"]),
+    ("temperror on high-risk needs no recheck", facts(sd=DomainState.TEMPERROR, spam=True), "high-risk",
+     ["spam", "source-domain-temperror"], []),
+    ("null sender n/a", facts(dsn=True, sd=DomainState.NOT_APPLICABLE), "high-risk", ["dsn"], []),
+]
+
+
+@pytest.mark.parametrize("name,f,pool,reasons,recheck", CASES, ids=[c[0] for c in CASES])
+def test_route_table(name, f, pool, reasons, recheck):
+    d = route(f, Policy())
+    assert d.pool == pool
+    assert list(d.reasons) == reasons
+    assert list(d.recheck) == recheck
+
+
+def test_policy_maps_roles_to_configured_pools():
+    policy = Policy({Role.NORMAL: "out-a", Role.HIGH_RISK: "hr-b", Role.RELAY: "rly-c"})
+    assert route(facts(), policy).pool == "out-a"
+    assert route(facts(spam=True), policy).pool == "hr-b"
+    assert route(facts(fwd=True), policy).pool == "rly-c"
+    assert route(facts(fwd=True), policy).role == Role.RELAY
+
+
+def test_every_reason_is_documented_and_rules_use_closed_set():
+    for r in Reason:
+        assert r.doc and r.doc.endswith(".")
+    assert all(isinstance(rule.code, Reason) for rule in RULES)
+    rows = table()
+    assert rows[0][1] == "dsn" and rows[-1][1] == "normal"
+    assert [r[0] for r in rows] == list(range(1, len(rows) + 1))

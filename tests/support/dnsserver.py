@@ -61,12 +61,10 @@ class ZoneResolver(BaseResolver):
         return reply
 
 
-class _DropHandlerMixin:
-    pass
-
-
 class TestDNSServer:
     """Start with ``with TestDNSServer(zone) as dns: dns.port``."""
+
+    __test__ = False   # not a pytest test class
 
     def __init__(self, zone: dict, servfail=(), drop=(), address: str = "127.0.0.1", port: int = 0):
         self.resolver = ZoneResolver(zone, servfail, drop)

@@ -1,0 +1,115 @@
+"""assess checks on their own: each produces a fact, never a decision."""
+
+from pathlib import Path
+
+import pytest
+
+from poolmta import config
+from poolmta.assess import Context, assess, dsn, forwarded, source_domain, spam
+from poolmta.dns import Rcode, StaticResolver
+from poolmta.model import DomainState, Envelope, Message, Origin, Recipient
+from poolmta.tenancy import Directory
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "corpus"
+
+CFG = config.loads("""
+[pools.n]
+role = "normal"
+sources = [{ address = "127.0.0.2", ehlo = "out1.example.net" }]
+[pools.h]
+role = "high-risk"
+sources = [{ address = "127.0.0.3", ehlo = "hr1.example.net" }]
+[pools.r]
+role = "relay"
+sources = [{ address = "127.0.0.4", ehlo = "rly1.example.net" }]
+[tenants.contoso]
+accepted_domains = ["contoso.test", "fabrikam.test"]
+""")
+
+
+def msg(mail_from="a@contoso.test", rcpts=("b@example.org",), content=b"Subject: x\r\n\r\nhello\r\n",
+        tenant="contoso", trusted=False):
+    return Message("Q1", Envelope(mail_from, tuple(Recipient(r) for r in rcpts)),
+                   Origin("127.0.0.9", tenant=tenant, trusted_connector=trusted, connector="c"), content, 0.0)
+
+
+def crlf(p: Path) -> bytes:
+    raw = p.read_bytes()
+    if raw.startswith(b"From "):
+        raw = raw.split(b"\n", 1)[1]
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+async def test_dsn_null_reverse_path():
+    f = await dsn.check(msg(mail_from=""))
+    assert (f.is_dsn, f.why) == (True, "null-reverse-path")
+
+
+@pytest.mark.parametrize("name", ["lhost-postfix-01.eml", "rfc3464-01.eml", "lhost-exchange2007-01.eml"])
+async def test_dsn_multipart_report_from_real_bounces(name):
+    # real bounces sent with a non-null sender still count as DSNs
+    f = await dsn.check(msg(mail_from="postmaster@example.org", content=crlf(DATA / "bounces" / name)))
+    assert (f.is_dsn, f.why) == (True, "multipart-report")
+
+
+async def test_ham_is_not_dsn_nor_spam():
+    for p in (DATA / "ham").glob("*.eml"):
+        m = msg(content=crlf(p))
+        assert not (await dsn.check(m)).is_dsn
+        assert not (await spam.check(m)).is_spam
+
+
+async def test_gtube_is_spam():
+    m = msg(content=b"Subject: t\r\n\r\n" + spam.GTUBE + b"\r\n")
+    f = await spam.check(m)
+    assert (f.is_spam, f.engine) == (True, "gtube")
+
+
+async def test_x_spam_flag_only_from_trusted_connector():
+    content = b"X-Spam-Flag: YES\r\nSubject: t\r\n\r\nbody\r\n"
+    assert not (await spam.check(msg(content=content, trusted=False))).is_spam
+    f = await spam.check(msg(content=content, trusted=True))
+    assert (f.is_spam, f.engine) == (True, "upstream")
+
+
+ZONE = StaticResolver({
+    ("contoso.test", "MX"): ((10, "mx.contoso.test"),),
+    ("aonly.test", "A"): ("192.0.2.1",),
+    ("v6only.test", "AAAA"): ("2001:db8::1",),
+    ("nullmx.test", "MX"): ((0, ""),),
+    ("txtonly.test", "TXT"): ("v=spf1 -all",),
+    ("broken.test", "MX"): Rcode.TEMPERROR,
+    ("halfbroken.test", "A"): Rcode.TEMPERROR,
+})
+
+
+@pytest.mark.parametrize("domain,state", [
+    ("contoso.test", DomainState.RESOLVES),
+    ("aonly.test", DomainState.RESOLVES),
+    ("v6only.test", DomainState.RESOLVES),
+    ("nullmx.test", DomainState.NULL_MX),
+    ("txtonly.test", DomainState.NO_RECORD),       # NODATA for MX, A and AAAA
+    ("nxdomain.test", DomainState.NO_RECORD),
+    ("broken.test", DomainState.TEMPERROR),         # SERVFAIL is not "no record"
+    ("halfbroken.test", DomainState.TEMPERROR),
+    ("", DomainState.NOT_APPLICABLE),
+])
+async def test_source_domain_states(domain, state):
+    f = await source_domain.check_domain(domain, ZONE)
+    assert f.state == state
+
+
+async def test_forwarded():
+    ctx = Context(ZONE, Directory(CFG))
+    assert not (await forwarded.check(msg("a@contoso.test", ["x@example.org"]), ctx)).forwarded
+    assert not (await forwarded.check(msg("a@FABRIKAM.test", ["x@example.org"]), ctx)).forwarded
+    f = await forwarded.check(msg("someone@gmail.test", ["x@example.org", "y@contoso.test"]), ctx)
+    assert (f.forwarded, f.external_recipients) == (True, 1)
+    # foreign sender to the tenant's own domain only: not leaving, not forwarding
+    assert not (await forwarded.check(msg("someone@gmail.test", ["y@contoso.test"]), ctx)).forwarded
+
+
+async def test_assess_gathers_all_facts():
+    f = await assess(msg("a@contoso.test"), Context(ZONE, Directory(CFG)))
+    assert f.source_domain.state == DomainState.RESOLVES
+    assert not f.dsn.is_dsn and not f.spam.is_spam and not f.forwarded.forwarded

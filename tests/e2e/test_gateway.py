@@ -1,0 +1,133 @@
+"""The gateway as a process: real SMTP in, real DNS, pools bound to distinct
+127.0.0.x addresses, receiving servers that record the peer address and EHLO.
+Every message is checked at the receiver (which source address it came from)
+and in the trace (which pool and why)."""
+
+import time
+
+import pytest
+
+from poolmta.assess.spam import GTUBE
+from tests.support.harness import World, corpus, trace_events, trace_summary
+
+NORMAL = {"127.0.0.2", "127.0.0.5"}
+HIGH_RISK = "127.0.0.3"
+RELAY = "127.0.0.4"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with World(tmp_path_factory.mktemp("world")) as w:
+        yield w
+
+
+def simple(subject: str, body: bytes = b"hello\r\n", sender: str = "alice@contoso.test") -> bytes:
+    return (f"From: {sender}\r\nTo: someone\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '-')}-{time.time()}@contoso.test>\r\n\r\n").encode() + body
+
+
+def wait_summary(world, qid, pred, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        s = trace_summary(world.data_dir, qid)
+        if pred(s):
+            return s
+        time.sleep(0.1)
+    raise AssertionError(f"trace of {qid} never satisfied the condition: {trace_summary(world.data_dir, qid)}")
+
+
+def test_ham_from_authenticated_user_leaves_from_normal_pool(world):
+    qid = world.send(corpus("ham/easy-ham-2__00001.1a31cc283af0060967a233d26548a6ce.eml"),
+                     "alice@contoso.test", ["ham1@dest.test"], client_ip="127.0.0.60", auth=True)
+    (m,) = world.dest.wait_for(lambda ms: world.dest.to("ham1@dest.test"))[-1:]
+    m = world.dest.to("ham1@dest.test")[0]
+    assert m.peer in NORMAL
+    assert m.ehlo in ("out1.poolmta.test", "out2.poolmta.test")
+    assert m.mail_from == "alice@contoso.test"
+    assert b"by gw.poolmta.test (poolmta)" in m.content
+    s = wait_summary(world, qid, lambda s: s.get("delivered") == 1)
+    assert s["routed"] == "normal" and s["reasons"] == ["normal"]
+
+
+def test_real_bounce_via_connector_leaves_from_high_risk(world):
+    qid = world.send(corpus("bounces/lhost-postfix-01.eml"), "", ["bounce1@dest.test"], client_ip="127.0.0.10")
+    world.dest.wait_for(lambda ms: world.dest.to("bounce1@dest.test"))
+    m = world.dest.to("bounce1@dest.test")[0]
+    assert (m.peer, m.ehlo, m.mail_from) == (HIGH_RISK, "hr1.poolmta.test", "")
+    s = wait_summary(world, qid, lambda s: s.get("delivered") == 1)
+    assert s["routed"] == "high-risk" and s["reasons"][0] == "dsn"
+
+
+def test_gtube_leaves_from_high_risk(world):
+    qid = world.send(simple("gtube", GTUBE + b"\r\n"), "alice@contoso.test", ["spam1@dest.test"],
+                     client_ip="127.0.0.60", auth=True)
+    world.dest.wait_for(lambda ms: world.dest.to("spam1@dest.test"))
+    assert world.dest.to("spam1@dest.test")[0].peer == HIGH_RISK
+    assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["spam"]
+
+
+def test_forwarded_mail_from_external_sender_leaves_from_relay_pool(world):
+    qid = world.send(simple("forward me", sender="someone@external.test"), "someone@external.test",
+                     ["info@contoso.test"], client_ip="127.0.0.50")
+    world.dest.wait_for(lambda ms: world.dest.to("contoso-info@partner.test"))
+    m = world.dest.to("contoso-info@partner.test")[0]
+    assert m.peer == RELAY
+    assert "rly" in m.ehlo
+    assert m.mail_from == "someone@external.test"       # not rewritten (no SRS on the relay pool)
+    s = wait_summary(world, qid, lambda s: s.get("delivered") == 1)
+    assert s["reasons"] == ["relay-unauthenticated"]
+
+
+def test_sender_domain_without_mx_or_a_leaves_from_high_risk(world):
+    qid = world.send(simple("nodns", sender="app@nodns.contoso.test"), "app@nodns.contoso.test",
+                     ["nodns1@dest.test"], client_ip="127.0.0.10")
+    world.dest.wait_for(lambda ms: world.dest.to("nodns1@dest.test"))
+    assert world.dest.to("nodns1@dest.test")[0].peer == HIGH_RISK
+    s = wait_summary(world, qid, lambda s: s.get("delivered") == 1)
+    assert s["reasons"] == ["source-domain-unresolvable"]
+
+
+def test_5xx_produces_dsn_that_reaches_sender_domain_from_high_risk(world):
+    qid = world.send(simple("will bounce"), "alice@contoso.test", ["reject-me@dest.test"],
+                     client_ip="127.0.0.60", auth=True)
+    world.contoso.wait_for(lambda ms: world.contoso.to("alice@contoso.test"))
+    dsn = world.contoso.to("alice@contoso.test")[0]
+    assert dsn.mail_from == ""                         # null reverse-path
+    assert dsn.peer == HIGH_RISK
+    assert b"multipart/report" in dsn.content and b"report-type=delivery-status" in dsn.content
+    assert b"reject-me@dest.test" in dsn.content and b"5.1.1" in dsn.content
+    s = wait_summary(world, qid, lambda s: s.get("bounced") == 1 and s.get("dsn-created") == 1)
+    assert s["routed"] == "normal"
+    assert not world.dest.to("reject-me@dest.test")
+
+
+def test_4xx_then_success_is_delivered_after_retry(world):
+    qid = world.send(simple("greylisted"), "alice@contoso.test", ["tempfail-1@dest.test"],
+                     client_ip="127.0.0.60", auth=True)
+    world.dest.wait_for(lambda ms: world.dest.to("tempfail-1@dest.test"), timeout=30)
+    s = wait_summary(world, qid, lambda s: s.get("delivered") == 1)
+    assert s["deferred"] == 1 and s["attempt"] == 2
+    kinds = [e["event"] for e in trace_events(world.data_dir, qid)]
+    assert kinds.index("deferred") < kinds.index("delivered")
+
+
+def test_relay_attempt_from_internet_is_refused(world):
+    import smtplib
+    with world.smtp("127.0.0.50") as s:
+        s.mail("someone@external.test")
+        code, text = s.rcpt("victim@dest.test")
+    assert code == 550 and b"5.7.1" in text
+
+
+def test_kill_9_with_mail_in_queue_loses_nothing(world):
+    # later.test's MX is not listening yet: everything stays queued (deferred).
+    qids = [world.send(simple(f"survivor {i}"), "alice@contoso.test", [f"k{i}@later.test"],
+                       client_ip="127.0.0.60", auth=True) for i in range(15)]
+    world.kill_gateway()
+    world.later.start()
+    world.start_gateway()
+    world.later.wait_for(lambda ms: len({r for m in ms for r in m.rcpt_tos}) >= 15, timeout=40)
+    got = {r for m in world.later.messages for r in m.rcpt_tos}
+    assert got == {f"k{i}@later.test" for i in range(15)}
+    for qid in qids:
+        assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["routed"] == "normal"

@@ -1,0 +1,207 @@
+"""A whole world on one machine: a DNS server, receiving MX sinks and the gateway
+as a separate process, all on loopback. The e2e tests and examples/demo.py use it.
+
+Addresses (all of 127.0.0.0/8 is loopback):
+  127.0.0.2/.5  normal pool sources      127.0.0.3  high-risk pool     127.0.0.4  relay pool
+  127.0.0.10    the tenant's on-prem connector (a client binds it to be recognised)
+  127.0.0.50    an "internet" client (no connector, no AUTH)
+  127.0.0.20    MX of dest.test and partner.test  (the recipients' side)
+  127.0.0.21    MX of contoso.test (where DSNs to contoso senders arrive)
+  127.0.0.22    MX of later.test (started late: used for the kill -9 test)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from poolmta.tenancy import hash_password
+from tests.support.dnsserver import TestDNSServer
+from tests.support.sink import Sink
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "correct horse"
+
+ZONE = {
+    "contoso.test": {"MX": [(10, "mx.contoso.test")], "A": ["127.0.0.21"]},
+    "mx.contoso.test": {"A": ["127.0.0.21"]},
+    "dest.test": {"MX": [(10, "mx.dest.test")]},
+    "mx.dest.test": {"A": ["127.0.0.20"]},
+    "partner.test": {"MX": [(10, "mx.dest.test")]},
+    "external.test": {"MX": [(10, "mx.external.test")]},
+    "mx.external.test": {"A": ["127.0.0.20"]},
+    "later.test": {"MX": [(10, "mx.later.test")]},
+    "mx.later.test": {"A": ["127.0.0.22"]},
+    "nullmx.test": {"MX": [(0, "")]},
+    # "nodns.contoso.test" is an accepted domain with no record at all.
+}
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def config_text(data_dir: str, listen_port: int, mx_port: int, dns_port: int) -> str:
+    pw = hash_password(PASSWORD)
+    return f"""
+[server]
+listen = "127.0.0.1:{listen_port}"
+hostname = "gw.poolmta.test"
+data_dir = "{data_dir}"
+auth_plaintext_loopback = true
+
+[dns]
+nameservers = ["127.0.0.1:{dns_port}"]
+timeout = "2s"
+
+[delivery]
+port = {mx_port}
+retry_schedule = ["1s"]
+queue_lifetime = "1h"
+connect_timeout = "2s"
+command_timeout = "10s"
+poll_interval = "0.2s"
+
+[pools.normal]
+role = "normal"
+sources = [{{ address = "127.0.0.2", ehlo = "out1.poolmta.test" }}, {{ address = "127.0.0.5", ehlo = "out2.poolmta.test" }}]
+
+[pools.high-risk]
+role = "high-risk"
+sources = [{{ address = "127.0.0.3", ehlo = "hr1.poolmta.test" }}]
+
+[pools.relay]
+role = "relay"
+sources = [{{ address = "127.0.0.4", ehlo = "rly1.poolmta.test" }}]
+
+[tenants.contoso]
+accepted_domains = ["contoso.test", "nodns.contoso.test"]
+users = [{{ name = "alice@contoso.test", password_hash = "{pw}" }}]
+connectors = [{{ name = "onprem", client_ips = ["127.0.0.10/32"], trusted = true }}]
+
+[tenants.contoso.forward]
+"info@contoso.test" = ["contoso-info@partner.test"]
+"""
+
+
+class World:
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.data_dir = self.workdir / "spool"
+        self.mx_port = free_port("127.0.0.20")
+        self.dns = TestDNSServer(ZONE)
+        self.dest = Sink("127.0.0.20", self.mx_port)          # dest.test, partner.test, external.test
+        self.contoso = Sink("127.0.0.21", self.mx_port)       # contoso.test: DSNs come back here
+        self.later = Sink("127.0.0.22", self.mx_port)         # started only when a test wants it
+        self.listen_port = free_port()
+        self.config_path = self.workdir / "poolmta.toml"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / "gateway.log"
+
+    def start(self) -> "World":
+        self.dns.start()
+        self.dest.start()
+        self.contoso.start()
+        self.config_path.write_text(config_text(str(self.data_dir), self.listen_port, self.mx_port, self.dns.port))
+        self.start_gateway()
+        return self
+
+    def start_gateway(self) -> None:
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        self.proc = subprocess.Popen([sys.executable, "-m", "poolmta", "serve", "--config", str(self.config_path)],
+                                     stdout=log, stderr=log, env=env, cwd=str(self.workdir))
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.listen_port), timeout=0.5) as s:
+                    if s.recv(100).startswith(b"220"):
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("gateway did not start listening within 20 s")
+
+    def kill_gateway(self) -> None:
+        """kill -9: no clean shutdown at all."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for s in (self.dest, self.contoso, self.later):
+            try:
+                s.stop()
+            except Exception:
+                pass
+        self.dns.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- clients -------------------------------------------------------------
+    def smtp(self, client_ip: str = "127.0.0.1") -> smtplib.SMTP:
+        s = smtplib.SMTP("127.0.0.1", self.listen_port, timeout=20, source_address=(client_ip, 0))
+        s.ehlo("client.test")
+        return s
+
+    def send(self, content: bytes, mail_from: str, rcpts: list[str], *, client_ip: str = "127.0.0.1",
+             auth: bool = False) -> str:
+        """Send one message; return the queue id from the 250 reply."""
+        with self.smtp(client_ip) as s:
+            if auth:
+                s.login("alice@contoso.test", PASSWORD)
+            s.mail(mail_from)
+            for r in rcpts:
+                code, text = s.rcpt(r)
+                if code != 250:
+                    raise smtplib.SMTPRecipientsRefused({r: (code, text)})
+            code, text = s.data(content)
+            if code != 250:
+                raise smtplib.SMTPDataError(code, text)
+            return text.decode().split()[-1]
+
+
+def trace_summary(data_dir: Path, queue_id: str) -> dict:
+    from poolmta.trace import query
+    con = query.open_readonly(str(data_dir))
+    try:
+        return query.summary(con, queue_id)
+    finally:
+        con.close()
+
+
+def trace_events(data_dir: Path, queue_id: str) -> list[dict]:
+    from poolmta.trace import query
+    con = query.open_readonly(str(data_dir))
+    try:
+        return query.timeline(con, queue_id)
+    finally:
+        con.close()
+
+
+def corpus(name: str) -> bytes:
+    """A message from tests/data/corpus with CRLF line ends and no mbox 'From ' line."""
+    raw = (ROOT / "tests" / "data" / "corpus" / name).read_bytes()
+    if raw.startswith(b"From "):
+        raw = raw.split(b"\n", 1)[1]
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")

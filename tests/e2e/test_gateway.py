@@ -39,7 +39,7 @@ def wait_summary(world, qid, pred, timeout=20):
 def test_ham_from_authenticated_user_leaves_from_normal_pool(world):
     qid = world.send(corpus("ham/easy-ham-2__00001.1a31cc283af0060967a233d26548a6ce.eml"),
                      "alice@contoso.test", ["ham1@dest.test"], client_ip="127.0.0.60", auth=True)
-    (m,) = world.dest.wait_for(lambda ms: world.dest.to("ham1@dest.test"))[-1:]
+    world.dest.wait_for(lambda ms: world.dest.to("ham1@dest.test"))
     m = world.dest.to("ham1@dest.test")[0]
     assert m.peer in NORMAL
     assert m.ehlo in ("out1.poolmta.test", "out2.poolmta.test")
@@ -112,7 +112,6 @@ def test_4xx_then_success_is_delivered_after_retry(world):
 
 
 def test_relay_attempt_from_internet_is_refused(world):
-    import smtplib
     with world.smtp("127.0.0.50") as s:
         s.mail("someone@external.test")
         code, text = s.rcpt("victim@dest.test")

@@ -1,0 +1,98 @@
+"""The SQLite spool on a real file: durable before accept returns, group commit,
+per-recipient state, and everything still there after reopening."""
+
+import asyncio
+import sqlite3
+
+from poolmta.model import Decision, DomainState, DsnFact, Envelope, Facts, ForwardFact, Message, Origin, Recipient, \
+    Role, SourceDomainFact, SpamFact
+from poolmta.spool import RecipientState, RecipientUpdate, new_queue_id
+from poolmta.spool.sqlite import SQLiteSpool
+
+FACTS = Facts(DsnFact(False), SourceDomainFact("contoso.test", DomainState.RESOLVES), SpamFact(False),
+              ForwardFact(False))
+DECISION = Decision(Role.NORMAL, "normal", ("normal",))
+
+
+def message(n_rcpts=2, now=1000.0):
+    rcpts = tuple(Recipient(f"r{i}@d{i % 2}.test", notify=("FAILURE",) if i == 0 else ()) for i in range(n_rcpts))
+    return Message(new_queue_id(), Envelope("a@contoso.test", rcpts, ret="HDRS", envid="E1"),
+                   Origin("127.0.0.9", helo="h", tenant="contoso"),
+                   b"Message-ID: <m1@contoso.test>\r\nSubject: x\r\n\r\nbody\r\n", now)
+
+
+async def test_accept_is_visible_to_another_connection_when_it_returns(tmp_path):
+    spool = SQLiteSpool(tmp_path)
+    try:
+        m = message()
+        await spool.accept(m, FACTS, DECISION)
+        con = sqlite3.connect(tmp_path / "spool.db")
+        assert con.execute("SELECT mail_from, message_id FROM messages WHERE queue_id=?", (m.queue_id,)).fetchone() == \
+            ("a@contoso.test", "<m1@contoso.test>")
+        assert con.execute("SELECT COUNT(*) FROM recipients WHERE queue_id=?", (m.queue_id,)).fetchone()[0] == 2
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        await spool.close()
+
+
+async def test_concurrent_accepts_share_commits(tmp_path):
+    spool = SQLiteSpool(tmp_path)
+    try:
+        msgs = [message() for _ in range(200)]
+        await asyncio.gather(*(spool.accept(m, FACTS, DECISION) for m in msgs))
+        st = spool.stats()
+        assert st["operations"] == 200
+        assert st["commits"] < 200          # group commit: several accepts per fsync
+    finally:
+        await spool.close()
+
+
+async def test_state_roundtrip_and_reopen(tmp_path):
+    spool = SQLiteSpool(tmp_path)
+    m = message(3)
+    await spool.accept(m, FACTS, DECISION)
+    due = await spool.due(2000.0, 10, set())
+    assert sorted((d, idxs) for q, d, idxs in due if q == m.queue_id) == [("d0.test", [0, 2]), ("d1.test", [1])]
+    assert await spool.due(2000.0, 10, {(m.queue_id, "d0.test")}) == [(m.queue_id, "d1.test", [1])]
+    await spool.update(m.queue_id, [
+        RecipientUpdate(0, RecipientState.DELIVERED, 0, "250 2.0.0 ok", "2.0.0", "mx.d0.test"),
+        RecipientUpdate(2, RecipientState.BOUNCED, 0, "550 5.1.1 no", "5.1.1", "mx.d0.test"),
+        RecipientUpdate(1, RecipientState.DEFERRED, 5000.0, "451 4.2.0 later", "4.2.0", "mx.d1.test"),
+    ], 2000.0)
+    await spool.close()
+
+    spool = SQLiteSpool(tmp_path)              # a restart
+    try:
+        got = await spool.get(m.queue_id)
+        assert got.message.envelope == m.envelope
+        assert got.message.content == m.content
+        assert got.decision == DECISION
+        states = [(r.address, r.state, r.attempts, r.last_reply) for r in got.recipients]
+        assert states == [("r0@d0.test", RecipientState.DELIVERED, 1, "250 2.0.0 ok"),
+                          ("r1@d1.test", RecipientState.DEFERRED, 1, "451 4.2.0 later"),
+                          ("r2@d0.test", RecipientState.BOUNCED, 1, "550 5.1.1 no")]
+        assert got.recipients[0].notify == ("FAILURE",)
+        assert await spool.due(2000.0, 10, set()) == []
+        assert await spool.next_due_time() == 5000.0
+        assert await spool.undelivered_dsns() == [m.queue_id]
+        await spool.mark_dsn_sent(m.queue_id, [2])
+        assert await spool.undelivered_dsns() == []
+        assert [e.queue_id for e in await spool.list()] == [m.queue_id]
+        assert await spool.retry(m.queue_id, 2500.0) == 1
+        assert await spool.due(2500.0, 10, set()) == [(m.queue_id, "d1.test", [1])]
+    finally:
+        await spool.close()
+
+
+async def test_body_dropped_when_nothing_is_pending(tmp_path):
+    spool = SQLiteSpool(tmp_path)
+    try:
+        m = message(1)
+        await spool.accept(m, FACTS, DECISION)
+        await spool.update(m.queue_id, [RecipientUpdate(0, RecipientState.DELIVERED, 0, "250 ok")], 1.0)
+        got = await spool.get(m.queue_id)
+        assert got.message.content == b""
+        assert got.recipients[0].state == RecipientState.DELIVERED
+        assert await spool.list() == []
+    finally:
+        await spool.close()

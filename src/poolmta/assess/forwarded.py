@@ -22,5 +22,6 @@ async def check(msg: Message, ctx) -> ForwardFact:
     d = ctx.directory
     sender_domain = msg.envelope.sender_domain
     external = sum(1 for r in msg.envelope.recipients if not d.is_accepted(tenant, domain_of(r.address)))
-    forwarded = external > 0 and not d.is_accepted(tenant, sender_domain)
+    # A null reverse-path names no sender to vouch for (or not): the DSN rule covers it.
+    forwarded = bool(sender_domain) and external > 0 and not d.is_accepted(tenant, sender_domain)
     return ForwardFact(forwarded, sender_domain, tenant, external)

@@ -28,10 +28,11 @@ class RecipientState(StrEnum):
     DELIVERED = "delivered"    # final: 2xx from the receiver
     BOUNCED = "bounced"        # final: 5xx, null MX, …
     EXPIRED = "expired"        # final: still deferred at the end of the queue lifetime
+    DELETED = "deleted"        # final: an operator removed it (`poolmta queue delete`); no DSN
 
     @property
     def final(self) -> bool:
-        return self in (RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.EXPIRED)
+        return self not in (RecipientState.QUEUED, RecipientState.DEFERRED)
 
 
 PENDING = (RecipientState.QUEUED.value, RecipientState.DEFERRED.value)

@@ -71,6 +71,12 @@ R552_534_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messa
 R553_513_BAD_ADDRESS = Reply(553, "5.1.3", "Malformed address")
 R554_560_BARE_NEWLINE = Reply(554, "5.6.0", "Message refused: bare <CR> or <LF> in data; lines must end with <CR><LF>")
 R555_PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported MAIL FROM or RCPT TO parameter")
+# Ingress additions (issue #2).
+R220_TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+R421_470_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts, closing connection")
+R452_453_OTHER_TENANT = Reply(452, "4.5.3", "Recipients of another tenant must be sent in a separate transaction")
+R553_567_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
+R550_571_ADDRESS_LITERAL = Reply(550, "5.7.1", "Address literals are not accepted as recipients")
 
 # Delivery outcomes that poolmta itself produces (they appear in DSNs).
 R550_5110_NULL_MX = Reply(550, "5.1.10", "Recipient domain publishes a null MX and accepts no mail")

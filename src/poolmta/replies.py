@@ -86,6 +86,10 @@ R451_443_DNS_TEMPFAIL = Reply(451, "4.4.3", "Temporary DNS failure resolving the
 R451_442_CONN_DROPPED = Reply(451, "4.4.2", "Connection dropped during the SMTP session")
 R451_472_SOURCE_DNS_TEMPFAIL = Reply(451, "4.4.3", "Sender domain could not be checked in DNS yet; delivery waits for a definite answer")
 R554_547_EXPIRED = Reply(554, "5.4.7", "Message expired: delivery was not possible within the queue lifetime")
+R550_544_NO_ROUTE = Reply(550, "5.4.4", "Recipient domain has no mail exchanger with an address in DNS")
+R451_475_TLS_FAILED = Reply(451, "4.7.5", "TLS negotiation with the remote host failed")
+R451_435_NO_SOURCE = Reply(451, "4.3.5", "The delivery pool of this message is not configured; delivery waits")
+R451_450_PROTOCOL = Reply(451, "4.5.0", "Unexpected reply from the remote host")
 
 
 def all_replies() -> dict[str, Reply]:

@@ -104,6 +104,9 @@ class Spool(Protocol):
 
     async def mark_dsn_sent(self, queue_id: str, idxs: list[int]) -> None: ...
 
+    async def undelivered_dsns(self) -> list[str]:
+        """Queue ids with bounced/expired recipients whose DSN was not made yet (after a crash)."""
+
     async def list(self, limit: int = 1000) -> list[QueueEntry]: ...
 
     async def retry(self, queue_id: str | None, now: float) -> int: ...

@@ -1,0 +1,429 @@
+"""deliver.client - one SMTP client transaction, through an injectable Connector
+
+``transact()`` connects to one target address from one pool source, says EHLO
+with that source's name, upgrades with STARTTLS when offered (opportunistic,
+no certificate check), sends MAIL FROM (the null reverse-path ``<>`` too),
+one RCPT per recipient, and DATA when at least one RCPT was accepted. It
+returns a ``Transcript``: every reply, whether TLS was on, and the exception
+that ended the session early with the stage it happened at. It decides
+nothing: deliver/outcome.py classifies a transcript (the split of Postfix's
+smtp_proto.c from smtp_trouble.c).
+
+The network is behind a ``Connector`` (``connect(target, port, source, …)``
+→ ``(Session, greeting)``), as httpx keeps its transport injectable:
+
+- ``AiosmtplibConnector`` is the real one (aiosmtplib >= 5.1.3). It binds
+  ``source_address=(source.address, 0)`` so the connection leaves from the
+  pool source's IP, and uses ``local_hostname=source.ehlo`` so EHLO names it.
+  A refusal reply (4xx/5xx) comes back as a reply, never as an exception;
+  exceptions mean the conversation broke (refused, reset, timeout, TLS).
+- ``FunctionConnector`` turns a plain function ``(target, command) -> reply``
+  into a server, for tests: no sockets, the same transaction code.
+
+Behaviour worth knowing:
+- EHLO answered with 5xx (a server that does not know EHLO) falls back to
+  HELO, as Postfix does; a refused HELO ends the session.
+- STARTTLS refused with a reply: the session continues in plaintext. A TLS
+  handshake that breaks the connection: one new connection to the same
+  address without STARTTLS (Postfix's opportunistic "may" level does the
+  same), so a receiver with a broken TLS stack still gets its mail. The
+  transcript says so in ``tls_note``.
+- ESMTP parameters are sent only when the server advertises them: SIZE,
+  BODY=8BITMIME, SMTPUTF8, and the RFC 3461 DSN parameters (RET, ENVID,
+  NOTIFY, ORCPT) so that a downstream MTA honours the sender's choices.
+- No RCPT accepted: no DATA; the session ends with QUIT.
+
+TRUST: remote replies are untrusted text; they are flattened to one line and
+cut to a sane length before they reach the spool, the trace or a DSN.
+
+STANDARDS: RFC 5321 §3.3, §4.1 (transaction), §4.5.3.2 (timeouts: passed in),
+RFC 3207 (STARTTLS), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 6531
+(SMTPUTF8), RFC 3461 §4 (DSN parameters, xtext).
+
+CONFIG: delivery.port, delivery.connect_timeout, delivery.command_timeout,
+delivery.starttls (read by the scheduler and passed in).
+
+SEE ALSO: deliver/outcome.py, deliver/scheduler.py, deliver/mx.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import aiosmtplib
+
+from ..model import Envelope, Recipient, Source
+from .mx import Target
+
+MAX_REPLY_TEXT = 512          # a remote reply longer than this is cut: it goes into DSNs and the trace
+
+
+class Stage(StrEnum):
+    """Where in the conversation something happened."""
+    CONNECT = "connect"       # TCP connection and the greeting
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"             # the DATA command, the content and the final reply
+
+
+@dataclass(frozen=True)
+class SmtpReply:
+    """A reply as the server sent it, multi-line replies joined with spaces."""
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".rstrip()
+
+    @classmethod
+    def parse(cls, raw: str) -> "SmtpReply":
+        """ "250-a\\r\\n250 b" or "550 5.1.1 no" → SmtpReply (for FunctionConnector handlers)."""
+        lines = [ln for ln in raw.replace("\r\n", "\n").split("\n") if ln]
+        if not lines or len(lines[0]) < 3 or not lines[0][:3].isdigit():
+            return cls(-1, flatten(raw))
+        return cls(int(lines[0][:3]), flatten("\n".join(ln[4:] for ln in lines)))
+
+
+def flatten(text: str) -> str:
+    """One line, printable, bounded: the reply may go into headers and SQLite."""
+    one = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    one = "".join(c if c.isprintable() else "?" for c in one)
+    return one[:MAX_REPLY_TEXT]
+
+
+class Session(Protocol):
+    """An open SMTP connection. Refusals come back as replies; only a broken
+    conversation raises."""
+    tls: bool
+
+    async def ehlo(self) -> SmtpReply: ...
+    async def helo(self) -> SmtpReply: ...
+    def supports(self, extension: str) -> bool: ...
+    async def starttls(self) -> SmtpReply: ...
+    async def mail(self, sender: str, options: Sequence[str], utf8: bool) -> SmtpReply: ...
+    async def rcpt(self, recipient: str, options: Sequence[str], utf8: bool) -> SmtpReply: ...
+    async def data(self, content: bytes) -> SmtpReply: ...
+    async def quit(self) -> None:
+        """Say goodbye and close; never raises."""
+
+
+class Connector(Protocol):
+    async def connect(self, target: Target, port: int, source: Source, *, connect_timeout: float,
+                      command_timeout: float) -> tuple[Session, SmtpReply]:
+        """Open a connection from ``source`` to ``target``; return it with its greeting."""
+
+
+@dataclass
+class Transcript:
+    """What happened in one connection, for outcome.py to judge and the trace to show."""
+    target: Target
+    source: Source
+    port: int
+    recipients: tuple[str, ...]
+    greeting: SmtpReply | None = None
+    ehlo: SmtpReply | None = None
+    tls: bool = False
+    tls_note: str = ""
+    mail: SmtpReply | None = None
+    rcpt: list[SmtpReply | None] = field(default_factory=list)   # aligned with recipients; None = not sent
+    data: SmtpReply | None = None
+    error: BaseException | None = None
+    error_stage: Stage | None = None
+
+    def __post_init__(self) -> None:
+        if not self.rcpt:
+            self.rcpt = [None] * len(self.recipients)
+
+    @property
+    def any_accepted(self) -> bool:
+        return any(r is not None and 200 <= r.code < 300 for r in self.rcpt)
+
+    def replies(self) -> list[str]:
+        """The conversation, one line per reply, for the trace."""
+        out = []
+        if self.greeting is not None:
+            out.append(f"connect: {self.greeting}")
+        if self.ehlo is not None:
+            out.append(f"ehlo: {self.ehlo}")
+        if self.tls_note:
+            out.append(f"starttls: {self.tls_note}")
+        if self.mail is not None:
+            out.append(f"mail: {self.mail}")
+        for addr, r in zip(self.recipients, self.rcpt):
+            if r is not None:
+                out.append(f"rcpt <{addr}>: {r}")
+        if self.data is not None:
+            out.append(f"data: {self.data}")
+        if self.error is not None:
+            out.append(f"{self.error_stage}: error: {describe(self.error)}")
+        return out
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line account of an exception ("TimeoutError: timed out")."""
+    text = flatten(str(exc)) or "no detail"
+    return f"{type(exc).__name__}: {text}"
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 §4 xtext: "+" , "=" and anything outside "!".."~" become +HH."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode("utf-8"))
+                   for c in value)
+
+
+def _ok(r: SmtpReply | None) -> bool:
+    return r is not None and 200 <= r.code < 300
+
+
+def mail_options(session: Session, envelope: Envelope, size: int) -> list[str]:
+    opts = []
+    if session.supports("size"):
+        opts.append(f"SIZE={size}")
+    if envelope.body.upper() == "8BITMIME" and session.supports("8bitmime"):
+        opts.append("BODY=8BITMIME")
+    if envelope.smtputf8 and session.supports("smtputf8"):
+        opts.append("SMTPUTF8")
+    if session.supports("dsn"):
+        if envelope.ret:
+            opts.append(f"RET={envelope.ret.upper()}")
+        if envelope.envid:
+            opts.append(f"ENVID={xtext(envelope.envid)}")
+    return opts
+
+
+def rcpt_options(session: Session, rcpt: Recipient) -> list[str]:
+    if not session.supports("dsn"):
+        return []
+    opts = []
+    if rcpt.notify:
+        opts.append("NOTIFY=" + ",".join(n.upper() for n in rcpt.notify))
+    if rcpt.orcpt:
+        kind, sep, addr = rcpt.orcpt.partition(";")
+        if sep:
+            opts.append(f"ORCPT={kind.strip()};{xtext(addr.strip())}")
+    return opts
+
+
+async def transact(connector: Connector, target: Target, source: Source, *, port: int, envelope: Envelope,
+                   recipients: Sequence[Recipient], content: bytes, connect_timeout: float,
+                   command_timeout: float, starttls: bool = True) -> Transcript:
+    """Run one SMTP transaction for ``recipients``; report, never raise (except cancellation)."""
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    t = Transcript(target, source, port, tuple(r.address for r in recipients))
+    try:
+        session, t.greeting = await connector.connect(target, port, source, connect_timeout=connect_timeout,
+                                                      command_timeout=command_timeout)
+    except Exception as e:
+        t.error, t.error_stage = e, Stage.CONNECT
+        return t
+    try:
+        await _converse(session, t, envelope, recipients, content, starttls)
+    finally:
+        await session.quit()
+    if t.error_stage == Stage.STARTTLS and t.error is not None:
+        # The handshake broke the connection: one more connection, in plaintext.
+        again = await transact(connector, target, source, port=port, envelope=envelope, recipients=recipients,
+                               content=content, connect_timeout=connect_timeout,
+                               command_timeout=command_timeout, starttls=False)
+        again.tls_note = f"handshake failed ({describe(t.error)}), retried without TLS"
+        return again
+    return t
+
+
+async def _converse(session: Session, t: Transcript, envelope: Envelope, recipients: Sequence[Recipient],
+                    content: bytes, starttls: bool) -> None:
+    """The commands after the greeting; fills ``t``; stops at the first refusal of the session."""
+    stage = Stage.CONNECT
+    try:
+        if not _ok(t.greeting):
+            return
+        stage = Stage.EHLO
+        t.ehlo = await session.ehlo()
+        if t.ehlo.code >= 500:
+            # RFC 5321 §4.1.4: a server that does not know EHLO still knows HELO.
+            t.ehlo = await session.helo()
+        if not _ok(t.ehlo):
+            return
+        if starttls and session.supports("starttls"):
+            stage = Stage.STARTTLS
+            r = await session.starttls()
+            if _ok(r):
+                t.tls = session.tls
+                stage = Stage.EHLO
+                t.ehlo = await session.ehlo()   # RFC 3207 §4.2: forget what was learnt before TLS
+                if not _ok(t.ehlo):
+                    return
+            else:
+                t.tls_note = f"refused, continued without TLS: {r}"
+        stage = Stage.MAIL
+        utf8 = envelope.smtputf8
+        t.mail = await session.mail(envelope.mail_from, mail_options(session, envelope, len(content)), utf8)
+        if not _ok(t.mail):
+            return
+        stage = Stage.RCPT
+        for i, rcpt in enumerate(recipients):
+            t.rcpt[i] = await session.rcpt(rcpt.address, rcpt_options(session, rcpt), utf8)
+        if not t.any_accepted:
+            return
+        stage = Stage.DATA
+        t.data = await session.data(content)
+    except Exception as e:
+        t.error, t.error_stage = e, stage
+
+
+# ---- the real connector: aiosmtplib -------------------------------------------
+
+class _AioSession:
+    def __init__(self, smtp: aiosmtplib.SMTP, target: Target, command_timeout: float):
+        self.smtp = smtp
+        self.target = target
+        self.timeout = command_timeout
+
+    @property
+    def tls(self) -> bool:
+        return self.smtp.get_transport_info("sslcontext") is not None
+
+    async def _reply(self, coro) -> SmtpReply:
+        try:
+            r = await coro
+            return SmtpReply(r.code, flatten(r.message))
+        except aiosmtplib.SMTPResponseException as e:
+            # A refusal is an answer, not an error: keep it as a reply.
+            return SmtpReply(e.code, flatten(e.message))
+
+    async def ehlo(self) -> SmtpReply:
+        return await self._reply(self.smtp.ehlo(timeout=self.timeout))
+
+    async def helo(self) -> SmtpReply:
+        return await self._reply(self.smtp.helo(timeout=self.timeout))
+
+    def supports(self, extension: str) -> bool:
+        return self.smtp.supports_extension(extension)
+
+    async def starttls(self) -> SmtpReply:
+        return await self._reply(self.smtp.starttls(server_hostname=self.target.host, validate_certs=False,
+                                                    timeout=self.timeout))
+
+    async def mail(self, sender: str, options: Sequence[str], utf8: bool) -> SmtpReply:
+        return await self._reply(self.smtp.mail(sender, options=list(options), encoding="utf-8" if utf8 else "ascii",
+                                                timeout=self.timeout))
+
+    async def rcpt(self, recipient: str, options: Sequence[str], utf8: bool) -> SmtpReply:
+        return await self._reply(self.smtp.rcpt(recipient, options=list(options),
+                                                encoding="utf-8" if utf8 else "ascii", timeout=self.timeout))
+
+    async def data(self, content: bytes) -> SmtpReply:
+        return await self._reply(self.smtp.data(content, timeout=self.timeout))
+
+    async def quit(self) -> None:
+        try:
+            if self.smtp.is_connected:
+                await self.smtp.quit(timeout=min(self.timeout, 30.0))
+        except Exception:      # the transaction is over; a rude goodbye changes nothing
+            pass
+        finally:
+            self.smtp.close()
+
+
+class AiosmtplibConnector:
+    """Connections through aiosmtplib, bound to the source address, with its EHLO name."""
+
+    async def connect(self, target: Target, port: int, source: Source, *, connect_timeout: float,
+                      command_timeout: float) -> tuple[Session, SmtpReply]:
+        smtp = aiosmtplib.SMTP(hostname=target.address, port=port, local_hostname=source.ehlo,
+                               source_address=(source.address, 0), timeout=command_timeout,
+                               start_tls=False, validate_certs=False)
+        session = _AioSession(smtp, target, command_timeout)
+        try:
+            r = await smtp.connect(timeout=connect_timeout)
+        except aiosmtplib.SMTPConnectResponseError as e:
+            # The server answered, with a refusal: that is its greeting.
+            return session, SmtpReply(e.code, flatten(e.message))
+        return session, SmtpReply(r.code, flatten(r.message))
+
+
+# ---- a connector made of a function, for tests -----------------------------------
+
+Handler = Callable[[Target, str], str]
+
+
+class _FunctionSession:
+    def __init__(self, conn: "FunctionConnector", target: Target, source: Source):
+        self.conn, self.target, self.source = conn, target, source
+        self.tls = False
+        self.extensions: set[str] = set()
+
+    def _raw(self, command: str) -> str:
+        self.conn.log.append((self.target.address, command))
+        return self.conn.handler(self.target, command)
+
+    def _ask(self, command: str) -> SmtpReply:
+        return SmtpReply.parse(self._raw(command))
+
+    async def ehlo(self) -> SmtpReply:
+        raw = self._raw(f"EHLO {self.source.ehlo}")
+        r = SmtpReply.parse(raw)
+        # Keywords are the first word of each line after the first (RFC 5321 §4.1.1.1).
+        lines = [ln[4:].split() for ln in raw.replace("\r\n", "\n").split("\n")[1:] if len(ln) > 4]
+        self.extensions = {w[0].lower() for w in lines if w} if _ok(r) else set()
+        return r
+
+    async def helo(self) -> SmtpReply:
+        self.extensions = set()
+        return self._ask(f"HELO {self.source.ehlo}")
+
+    def supports(self, extension: str) -> bool:
+        return extension.lower() in self.extensions
+
+    async def starttls(self) -> SmtpReply:
+        r = self._ask("STARTTLS")
+        if _ok(r):
+            self.tls = True
+        return r
+
+    async def mail(self, sender: str, options: Sequence[str], utf8: bool) -> SmtpReply:
+        return self._ask(" ".join([f"MAIL FROM:<{sender}>", *options]))
+
+    async def rcpt(self, recipient: str, options: Sequence[str], utf8: bool) -> SmtpReply:
+        return self._ask(" ".join([f"RCPT TO:<{recipient}>", *options]))
+
+    async def data(self, content: bytes) -> SmtpReply:
+        r = self._ask("DATA")
+        if r.code != 354:
+            return r
+        self.conn.content.append(content)
+        return self._ask(".")
+
+    async def quit(self) -> None:
+        try:
+            self._ask("QUIT")
+        except Exception:
+            pass
+
+
+class FunctionConnector:
+    """A Connector whose server is a function ``(target, command) -> reply text``.
+
+    Commands are "CONNECT", "EHLO name", "STARTTLS", "MAIL FROM:<a> OPTS",
+    "RCPT TO:<b> OPTS", "DATA", "." (end of content) and "QUIT". The handler
+    may raise to simulate a broken connection. EHLO keywords are read from a
+    multi-line EHLO reply ("250-mx.example\\n250 STARTTLS"). Every command is
+    logged in ``log`` as (address, command); contents in ``content``.
+    """
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+        self.log: list[tuple[str, str]] = []
+        self.content: list[bytes] = []
+
+    async def connect(self, target: Target, port: int, source: Source, *, connect_timeout: float,
+                      command_timeout: float) -> tuple[Session, SmtpReply]:
+        session = _FunctionSession(self, target, source)
+        return session, session._ask("CONNECT")

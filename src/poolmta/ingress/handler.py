@@ -1,0 +1,206 @@
+"""ingress.handler - the aiosmtpd hooks: ask acceptance, then answer
+
+aiosmtpd calls ``handle_HELO``, ``handle_EHLO``, ``handle_MAIL``,
+``handle_RCPT`` and ``handle_DATA`` by name (found with ``dir()``, so a
+misspelt hook is silently ignored: tests/integration/test_ingress_smtp.py
+checks the exact set). Each hook gathers what the session knows, calls a pure
+function of acceptance.py, keeps the result on the transaction and returns
+the reply string. ``handle_DATA`` builds the ``Message`` and awaits
+``pipeline.accept``; it replies 250 only after that returned, that is after
+the spool has the message on disk, and 451 if it raised. ``authenticate``
+checks SMTP AUTH credentials against the tenancy Directory in a worker
+thread, because scrypt takes tens of milliseconds.
+
+The transaction state lives on the server's ``PoolEnvelope`` (recipients
+after forwarding expansion, the vouching tenant, the MAIL parameters) and the
+session state on ``PoolSession`` (client IP, AUTH user and tenant), so RSET,
+a new EHLO and STARTTLS reset them the way aiosmtpd resets its own.
+
+TRUST: hook arguments come from the client, already through the strict
+parser in server.py; they are parsed again here by the same pure functions
+rather than believed. The pipeline is trusted to raise when it did not queue.
+
+STANDARDS: RFC 5321 §3.3 (transactions), §4.2.5 (reply after the data is
+safe), RFC 4954 (AUTH), RFC 3461 (DSN parameters kept on the envelope).
+
+CONFIG: server.max_message_size, server.max_recipients, tenants.*.
+
+SEE ALSO: ingress/acceptance.py, ingress/server.py, pipeline.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from ..config import Config
+from ..model import Envelope, Message, Origin
+from ..replies import (
+    R250_QUEUED,
+    R250_RCPT_OK,
+    R250_SENDER_OK,
+    R421_SHUTDOWN,
+    R451_LOCAL_ERROR,
+    R451_SPOOL_ERROR,
+    R501_SYNTAX_PARAM,
+)
+from ..spool import new_queue_id
+from ..tenancy import Directory
+from . import acceptance
+from .acceptance import Refuse, SessionFacts
+
+if TYPE_CHECKING:                      # pragma: no cover
+    from .server import PoolEnvelope, PoolSession
+
+log = logging.getLogger("poolmta.ingress")
+
+# The keywords the handler adds to aiosmtpd's own EHLO list (SIZE, 8BITMIME,
+# SMTPUTF8, STARTTLS and AUTH come from the server's settings).
+EXTRA_EHLO_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES", "DSN")
+
+
+class IngressHandler:
+    """aiosmtpd handler: policy answers for one listener (shared by its sessions)."""
+
+    def __init__(self, cfg: Config, directory: Directory, pipeline, clock):
+        self.cfg, self.directory, self.pipeline, self.clock = cfg, directory, pipeline, clock
+        self.inflight: set[asyncio.Task] = set()
+        self.closing = False
+
+    # -- helpers -------------------------------------------------------------
+    def facts(self, session: "PoolSession") -> SessionFacts:
+        return SessionFacts(client_ip=session.client_ip, auth_user=session.auth_user,
+                            auth_tenant=session.auth_tenant,
+                            connector=self.directory.connector_for(session.client_ip))
+
+    # -- hooks -----------------------------------------------------------------
+    async def handle_HELO(self, server, session: "PoolSession", envelope, hostname: str) -> str:
+        if not acceptance.valid_helo(hostname):
+            return str(R501_SYNTAX_PARAM.with_text("Syntax: HELO hostname"))
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_EHLO(self, server, session: "PoolSession", envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        if not acceptance.valid_helo(hostname):
+            return [str(R501_SYNTAX_PARAM.with_text("Syntax: EHLO hostname"))]
+        session.host_name = hostname
+        last = responses[-1]                          # "250 HELP"
+        return responses[:-1] + [f"250-{k}" for k in EXTRA_EHLO_KEYWORDS] + [last]
+
+    async def handle_MAIL(self, server, session: "PoolSession", envelope: "PoolEnvelope", address: str,
+                          mail_options: list[str]) -> str:
+        params = acceptance.mail_params(mail_options)
+        if isinstance(params, Refuse):
+            return str(params)
+        refused = acceptance.check_mail(params, max_size=self.cfg.server.max_message_size)
+        if refused:
+            return str(refused)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.smtp_utf8 = params.smtputf8
+        envelope.params = params
+        return str(R250_SENDER_OK)
+
+    async def handle_RCPT(self, server, session: "PoolSession", envelope: "PoolEnvelope", address: str,
+                          rcpt_options: list[str]) -> str:
+        params = acceptance.rcpt_params(rcpt_options)
+        if isinstance(params, Refuse):
+            return str(params)
+        facts = self.facts(session)
+        verdict = acceptance.check_recipient(address, facts, self.directory, notify=params.notify,
+                                             orcpt=params.orcpt)
+        if isinstance(verdict, Refuse):
+            log.info("rcpt refused client=%s auth=%s rcpt=%s reply=%s", facts.client_ip, facts.auth_user or "-",
+                     address, verdict)
+            return str(verdict)
+        added = acceptance.add_recipients(envelope.recipients, envelope.tenant, verdict,
+                                          max_recipients=self.cfg.server.max_recipients)
+        if isinstance(added, Refuse):
+            return str(added)
+        envelope.recipients, envelope.tenant = added
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(R250_RCPT_OK)
+
+    async def handle_DATA(self, server, session: "PoolSession", envelope: "PoolEnvelope") -> str:
+        if self.closing:
+            return str(R421_SHUTDOWN)
+        facts = self.facts(session)
+        msg = self.message(session, envelope, facts, envelope.original_content or b"")
+        task = asyncio.ensure_future(self.pipeline.accept(msg))
+        client = {"waiting": True}
+        self.inflight.add(task)
+        task.add_done_callback(lambda t: self._accept_done(t, msg.queue_id, client))
+        try:
+            # Shielded: a client that disconnects must not cancel a spool write
+            # half-way. It gets no 250 and will send again; a duplicate is the
+            # SMTP trade-off (RFC 1047), a half-queued message is not.
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            client["waiting"] = False
+            raise
+        except Exception:
+            log.exception("accept failed queue_id=%s client=%s", msg.queue_id, facts.client_ip)
+            return str(R451_SPOOL_ERROR)
+        return str(R250_QUEUED).format(queue_id=msg.queue_id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default would put the exception text on the wire.
+        log.error("SMTP session error: %r", error, exc_info=error)
+        return str(R451_LOCAL_ERROR)
+
+    # -- AUTH (called by PoolSMTP.auth_PLAIN / auth_LOGIN, not a hook) -------
+    async def authenticate(self, server, session: "PoolSession", envelope, mechanism: str,
+                           auth_data: LoginPassword) -> AuthResult:
+        try:
+            login = auth_data.login.decode("utf-8")
+            password = auth_data.password.decode("utf-8")
+        except UnicodeDecodeError:
+            return AuthResult(success=False, handled=False)
+        if not login or not password:
+            return AuthResult(success=False, handled=False)
+        tenant = await asyncio.to_thread(self.directory.authenticate, login, password)
+        if not tenant:
+            log.warning("auth failed client=%s mechanism=%s login=%r", session.client_ip, mechanism, login)
+            return AuthResult(success=False, handled=False)
+        session.auth_user, session.auth_tenant = login, tenant
+        log.info("auth ok client=%s login=%s tenant=%s", session.client_ip, login, tenant)
+        return AuthResult(success=True, auth_data=login)
+
+    # -- the message -------------------------------------------------------------
+    def message(self, session: "PoolSession", envelope: "PoolEnvelope", facts: SessionFacts,
+                content: bytes) -> Message:
+        p = envelope.params or acceptance.MailParams()
+        env = Envelope(mail_from=envelope.mail_from or "", recipients=envelope.recipients, ret=p.ret,
+                       envid=p.envid, smtputf8=p.smtputf8, body=p.body)
+        c = facts.connector
+        origin = Origin(client_ip=facts.client_ip, helo=session.host_name or "", auth_user=facts.auth_user,
+                        tenant=envelope.tenant, connector=c.name if c else "",
+                        trusted_connector=bool(c and c.trusted), kind="smtp")
+        return Message(queue_id=new_queue_id(), envelope=env, origin=origin, content=content,
+                       received_at=self.clock.now())
+
+    def _accept_done(self, task: asyncio.Task, queue_id: str, client: dict) -> None:
+        self.inflight.discard(task)
+        if task.cancelled():
+            log.warning("accept cancelled queue_id=%s", queue_id)
+            return
+        exc = task.exception()                        # retrieve it, always
+        if not client["waiting"]:
+            if exc is None:
+                log.warning("queued after the client left queue_id=%s (it may send again)", queue_id)
+            else:
+                log.error("accept failed after the client left queue_id=%s: %r", queue_id, exc)
+
+    async def drain(self) -> None:
+        """Wait for every accept in flight (shutdown); new DATA gets 421 from now on."""
+        self.closing = True
+        while self.inflight:
+            await asyncio.gather(*list(self.inflight), return_exceptions=True)
+
+
+__all__ = ["IngressHandler", "EXTRA_EHLO_KEYWORDS"]

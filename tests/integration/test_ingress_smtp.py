@@ -16,16 +16,15 @@ import dataclasses
 import datetime
 import re
 import smtplib
-import ssl
+import threading
 
 import aiosmtplib
 import pytest
 
-from poolmta import replies
 from poolmta.clock import FakeClock
 from poolmta.config import loads
 from poolmta.ingress.handler import IngressHandler
-from poolmta.ingress.server import IngressServer, PoolSMTP
+from poolmta.ingress.server import IngressServer, PoolSMTP, listen_address
 from poolmta.model import Decision, Message, Recipient, Role
 from poolmta.tenancy import Directory, hash_password
 
@@ -186,6 +185,13 @@ def test_handler_defines_exactly_the_expected_hooks():
     assert not [n for n in dir(IngressHandler) if n.startswith("auth_")]
 
 
+@pytest.mark.parametrize("listen, expected", [
+    ("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:0", ("::1", 0)), ("127.0.0.1:2525", ("127.0.0.1", 2525)),
+])
+def test_listen_address_allows_port_zero(listen, expected):
+    assert listen_address(listen) == expected
+
+
 # ---- EHLO, TLS and AUTH --------------------------------------------------------------
 
 def ehlo_keywords(text: str) -> set[str]:
@@ -313,6 +319,30 @@ async def test_three_auth_failures_close_the_session(gw):
     assert status(await c.cmd("AUTH PLAIN " + plain("alice@acme.example", "guess"))) == (421, "4.7.0")
     assert await c.reader.read() == b""                                # closed by the server
     await c.close()
+
+
+async def test_password_check_does_not_block_other_sessions(gw):
+    started, release, order = threading.Event(), threading.Event(), []
+    real = gw.handler.directory.authenticate
+
+    def slow(login, password):
+        started.set()
+        release.wait(10)                  # if this ran on the event loop, nothing else could be answered
+        order.append("auth done")
+        return real(login, password)
+
+    gw.handler.directory.authenticate = slow
+    a = await Raw.open(gw.port)
+    b = await Raw.open(gw.port)
+    pending = asyncio.ensure_future(a.cmd("AUTH PLAIN " + plain("alice@acme.example", PASSWORD)))
+    await asyncio.to_thread(started.wait, 10)
+    assert status(await b.cmd("NOOP")) == (250, "2.0.0")
+    order.append("other session answered")
+    release.set()
+    assert status(await pending) == (235, "2.7.0")
+    assert order == ["other session answered", "auth done"]
+    await a.close()
+    await b.close()
 
 
 async def test_aiosmtplib_login_from_loopback_without_tls(gw):
@@ -498,8 +528,7 @@ async def test_data_over_the_size_limit_is_drained_then_refused(gw):
 async def test_long_line_is_drained_then_refused(gw):
     c = await Raw.open(gw.port, source=ONPREM)
     long = b"Subject: long\r\n\r\n" + b"y" * 3000 + b"\r\n"
-    cfg_big = MAX_SIZE  # 3000 < MAX_SIZE: only the line length is wrong
-    assert len(long) < cfg_big
+    assert len(long) < MAX_SIZE                                         # only the line length is wrong
     assert status(await transaction(c, "a@acme.example", ["b@partner.example"], long)) == (500, "5.5.6")
     assert status(await c.cmd("RSET")) == (250, "2.0.0")
     await c.close()

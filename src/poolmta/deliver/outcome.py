@@ -46,7 +46,6 @@ SEE ALSO: deliver/client.py, deliver/scheduler.py, spool/schedule.py, replies.py
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..replies import (R451_441_NO_ANSWER, R451_442_CONN_DROPPED, R451_450_PROTOCOL, R451_475_TLS_FAILED,
@@ -172,11 +171,3 @@ def try_next(t: Transcript) -> bool:
     refusal = _session_refusal(t)
     return refusal is not None and not 500 <= refusal.code < 600
 
-
-def summarize(outcomes: Sequence[Outcome]) -> dict[str, int]:
-    """Counts by kind, for logs."""
-    out: dict[str, int] = {}
-    for o in outcomes:
-        k = type(o).__name__.lower()
-        out[k] = out.get(k, 0) + 1
-    return out

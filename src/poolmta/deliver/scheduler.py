@@ -305,6 +305,7 @@ class Scheduler:
         """A local failure: put the group back on the schedule without an attempt."""
         now = self.clock.now()
         attempts = {r.idx: r.attempts for r in stored.recipients} if stored else {}
+        addresses = {r.idx: r.address for r in stored.recipients} if stored else {}
         updates = [RecipientUpdate(i, RecipientState.DEFERRED,
                                    now + schedule.retry_delay(attempts.get(i, 1), self.cfg.retry_schedule),
                                    str(R451_LOCAL_ERROR), R451_LOCAL_ERROR.enhanced, "", attempted=False)
@@ -313,8 +314,8 @@ class Scheduler:
         try:
             await self.spool.update(queue_id, updates, now)
             for u in updates:
-                self.trace.record(queue_id, EventKind.DEFERRED, idx=u.idx, reply=u.reply, status=u.status,
-                                  next_attempt=u.next_attempt)
+                self.trace.record(queue_id, EventKind.DEFERRED, rcpt=addresses.get(u.idx, ""), idx=u.idx,
+                                  reply=u.reply, status=u.status, next_attempt=u.next_attempt)
         except Exception:
             # Not even that could be written: keep the group out of the loop for a while.
             log.exception("could not defer %s to %s after a local error", queue_id, domain)
@@ -342,6 +343,10 @@ class Scheduler:
             except Exception:
                 log.exception("could not queue the DSN for %s; will try again", qid)
                 self._dsn_sweep_at = self.clock.now() + DSN_SWEEP_RETRY
+                # The silent ones are settled; only the reported ones wait for the sweep.
+                settled = [r.idx for r, _ in failed if not wants_failure_dsn(r.notify)]
+                if settled:
+                    await self.spool.mark_dsn_sent(qid, settled)
                 return
             self.trace.record(qid, EventKind.DSN_CREATED, dsn_queue_id=dsn_qid, rcpt=[r.address for r, _ in report])
         await self.spool.mark_dsn_sent(qid, idxs)

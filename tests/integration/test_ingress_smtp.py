@@ -273,7 +273,7 @@ async def test_starttls_then_auth_then_send(tmp_path):
     finally:
         await server.stop()
     [msg] = pipeline.messages
-    assert (msg.origin.auth_user, msg.origin.tenant) == ("alice@acme.example", "acme")
+    assert (msg.origin.auth_user, msg.origin.tenant, msg.origin.client_ip) == ("alice@acme.example", "acme", INTERNET)
 
 
 def plain(login: str, password: str, authzid: str = "") -> str:

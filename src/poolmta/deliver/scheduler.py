@@ -368,6 +368,13 @@ class Scheduler:
     async def _sweep_dsns(self) -> None:
         """DSNs that a crash (or a failed hand-off) left unmade; recipients are already final."""
         self._dsn_sweep_at = None
+        try:
+            await self._sweep_dsns_once()
+        except Exception:
+            self._dsn_sweep_at = self.clock.now() + DSN_SWEEP_RETRY     # not forgotten: looked at again
+            raise
+
+    async def _sweep_dsns_once(self) -> None:
         busy = {qid for qid, _ in self._inflight}
         for qid in await self.spool.undelivered_dsns():
             if qid in busy:

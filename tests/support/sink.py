@@ -55,7 +55,9 @@ class _Handler:
 
     async def handle_DATA(self, server, session, envelope):
         self.sink.messages.append(Received(
-            peer=session.peer[0], ehlo=session.host_name or "", mail_from=envelope.mail_from,
+            # aiosmtpd 1.4.6 reports MAIL FROM:<> as "<>": record the null reverse-path as "".
+            peer=session.peer[0], ehlo=session.host_name or "",
+            mail_from="" if envelope.mail_from in ("<>", None) else envelope.mail_from,
             rcpt_tos=list(envelope.rcpt_tos), content=envelope.original_content or b"",
             tls=session.ssl is not None))
         self.sink.arrived.set()

@@ -400,7 +400,7 @@ async def test_servfail_defers_with_443(world, gw):
 async def test_unresolved_sender_domain_waits_without_a_connection(world, gw):
     qid = await gw.send("bob@brokensender.test", ["ok-recheck@dest.test"])
     r = await gw.wait_state(qid, RecipientState.DEFERRED)
-    assert r.last_reply == str(replies.R451_472_SOURCE_DNS_TEMPFAIL) and r.attempts == 0
+    assert r.last_reply == str(replies.R451_443_SOURCE_DNS_TEMPFAIL) and r.attempts == 0
     assert gw.of(qid, EventKind.RECHECKED)
     assert not gw.of(qid, EventKind.ATTEMPT)
     assert not world.dest.to("ok-recheck@dest.test")

@@ -72,7 +72,7 @@ class Sink:
         self.messages: list[Received] = []
         self.arrived = threading.Event()
         self.controller = Controller(_Handler(self), hostname=address, port=self.port,
-                                     server_kwargs={"enable_SMTPUTF8": True})
+                                     enable_SMTPUTF8=True)
 
     def start(self) -> "Sink":
         self.controller.start()

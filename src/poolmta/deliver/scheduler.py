@@ -10,7 +10,7 @@ One group, in order (Postfix's qmgr → smtp → bounce, in one coroutine):
 
 1. read the message; if its routing decision left facts to re-check (the
    sender domain's DNS failed at accept time), ask ``pipeline.reassess``;
-   still unknown → defer with R451_472_SOURCE_DNS_TEMPFAIL, no connection;
+   still unknown → defer with R451_443_SOURCE_DNS_TEMPFAIL, no connection;
 2. take the pool the decision names and the next of its sources (round-robin
    per pool). Pools are configuration: nothing here knows what a pool is for;
 3. look up the MX targets, for the source's address family;
@@ -60,7 +60,7 @@ from ..clock import Clock
 from ..config import DeliveryConfig
 from ..dns import Resolver
 from ..model import Envelope, Message, Origin, Pool, Recipient, Source, Status
-from ..replies import R451_435_NO_SOURCE, R451_472_SOURCE_DNS_TEMPFAIL, R451_LOCAL_ERROR
+from ..replies import R451_435_NO_SOURCE, R451_443_SOURCE_DNS_TEMPFAIL, R451_LOCAL_ERROR
 from ..spool import RecipientState, RecipientUpdate, StoredMessage, StoredRecipient, new_queue_id
 from ..spool import schedule
 from ..trace import EventKind
@@ -213,7 +213,7 @@ class Scheduler:
         if decision.recheck:
             decision, unknown = await self.pipeline.reassess(msg, stored.facts, decision)
             if unknown:
-                await self._finish(stored, rcpts, [outcome.of_own(R451_472_SOURCE_DNS_TEMPFAIL)] * len(rcpts),
+                await self._finish(stored, rcpts, [outcome.of_own(R451_443_SOURCE_DNS_TEMPFAIL)] * len(rcpts),
                                    attempted=False, progress=progress)
                 return
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from poolmta.assess.spam import GTUBE  # noqa: E402
-from tests.support.harness import World, corpus, trace_summary  # noqa: E402
+from tests.support.harness import World, corpus, trace_events, trace_summary  # noqa: E402
 
 
 def simple(subject, body=b"hello\r\n", sender="alice@contoso.test"):
@@ -56,7 +56,13 @@ def main() -> int:
             sink.wait_for(lambda ms: sink.to(arrives_for), timeout=30)
             m = sink.to(arrives_for)[-1]
             s = trace_summary(world.data_dir, qid)
-            rows.append((what, mail_from or "<>", rcpt, s.get("routed", "?"), ",".join(s.get("reasons", [])),
+            pool, reasons = s.get("routed", "?"), ",".join(s.get("reasons", []))
+            if sink_name == "contoso":      # the bounce: show how the DSN itself was routed
+                dsn_qid = next(e["dsn_queue_id"] for e in trace_events(world.data_dir, qid)
+                               if e["event"] == "dsn-created")
+                ds = trace_summary(world.data_dir, dsn_qid)
+                pool, reasons = f"{pool} -> DSN {ds.get('routed')}", f"{reasons} -> {','.join(ds.get('reasons', []))}"
+            rows.append((what, mail_from or "<>", rcpt, pool, reasons,
                          f"{m.peer} {m.ehlo}" + (f" (DSN to {arrives_for})" if sink_name == "contoso" else ""),
                          f"{time.time() - t0:.1f}s"))
         heads = ("message", "sender", "recipient", "pool", "reasons", "receiver saw", "took")

@@ -4,12 +4,13 @@ Every message is checked at the receiver (which source address it came from)
 and in the trace (which pool and why)."""
 
 import email
+import json
 import time
 
 import pytest
 
 from poolmta.assess.spam import GTUBE
-from tests.support.harness import World, corpus, trace_events, trace_summary
+from tests.support.harness import World, corpus, poolmta, trace_events, trace_summary
 
 NORMAL = {"127.0.0.2", "127.0.0.5"}
 HIGH_RISK = "127.0.0.3"
@@ -134,3 +135,39 @@ def test_kill_9_with_mail_in_queue_loses_nothing(world):
     assert got == {f"k{i}@later.test" for i in range(15)}
     for qid in qids:
         assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["routed"] == "normal"
+
+
+def test_operator_commands_on_a_live_queue(world):
+    """postqueue-style work on the running gateway: list, show, trace, retry, delete."""
+    cfg = str(world.config_path)
+    qid = world.send(simple("held mail"), "alice@contoso.test", ["held1@held.test"], client_ip="127.0.0.60",
+                     auth=True)
+    wait_summary(world, qid, lambda s: s.get("deferred", 0) >= 1)
+
+    p = poolmta("queue", "list", "--config", cfg)
+    assert p.returncode == 0 and qid in p.stdout and "held1@held.test" in p.stdout and "deferred" in p.stdout
+    shown = json.loads(poolmta("queue", "show", qid, "--config", cfg).stdout)
+    assert shown["pool"] == "normal" and shown["recipients"][0]["state"] == "deferred"
+
+    t = poolmta("trace", qid, "--config", cfg)
+    assert t.returncode == 0
+    for word in ("received", "assessed", "routed", "queued", "attempt", "deferred", "127.0.0.23"):
+        assert word in t.stdout, word
+    by_rcpt = json.loads(poolmta("trace", "--recipient", "held1@held.test", "--json", "--config", cfg).stdout)
+    assert [m["queue_id"] for m in by_rcpt] == [qid]
+    by_sender = json.loads(poolmta("trace", "--sender", "alice@contoso.test", "--json", "--config", cfg).stdout)
+    assert qid in [m["queue_id"] for m in by_sender]
+
+    attempts = trace_summary(world.data_dir, qid).get("attempt", 0)
+    r = poolmta("queue", "retry", qid, "--config", cfg)
+    assert r.returncode == 0 and "1 recipient(s)" in r.stdout
+    wait_summary(world, qid, lambda s: s.get("attempt", 0) > attempts)
+
+    d = poolmta("queue", "delete", qid, "--config", cfg)
+    assert d.returncode == 0, d.stderr
+    assert qid not in poolmta("queue", "list", "--config", cfg).stdout
+    time.sleep(1.5)                                   # longer than the retry schedule: nothing tries it again
+    after = trace_summary(world.data_dir, qid)
+    assert after.get("bounced", 0) == 0 and after.get("dsn-created", 0) == 0
+    assert "deleted" in [e["event"] for e in trace_events(world.data_dir, qid)]
+    assert poolmta("queue", "delete", qid, "--config", cfg).returncode == 1

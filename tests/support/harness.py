@@ -8,6 +8,7 @@ Addresses (all of 127.0.0.0/8 is loopback):
   127.0.0.20    MX of dest.test and partner.test  (the recipients' side)
   127.0.0.21    MX of contoso.test (where DSNs to contoso senders arrive)
   127.0.0.22    MX of later.test (started late: used for the kill -9 test)
+  127.0.0.23    MX of held.test (never listening: mail to it stays in the queue)
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ZONE = {
     "later.test": {"MX": [(10, "mx.later.test")]},
     "mx.later.test": {"A": ["127.0.0.22"]},
     "nullmx.test": {"MX": [(0, "")]},
+    "held.test": {"MX": [(10, "mx.held.test")]},
+    "mx.held.test": {"A": ["127.0.0.23"]},         # nothing ever listens there: mail stays deferred
     # "nodns.contoso.test" is an accepted domain with no record at all.
 }
 
@@ -179,6 +182,13 @@ class World:
             if code != 250:
                 raise smtplib.SMTPDataError(code, text)
             return text.decode().split()[-1]
+
+
+def poolmta(*args: str) -> subprocess.CompletedProcess:
+    """Run the poolmta command as an operator would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run([sys.executable, "-m", "poolmta", *args], capture_output=True, text=True, env=env,
+                          timeout=60)
 
 
 def trace_summary(data_dir: Path, queue_id: str) -> dict:

@@ -282,7 +282,7 @@ class SQLiteSpool:
                             " last_reply=CASE WHEN ?4 = '' THEN last_reply ELSE ?4 END,"
                             " status=CASE WHEN ?5 = '' THEN status ELSE ?5 END,"
                             " remote_mta=CASE WHEN ?6 = '' THEN remote_mta ELSE ?6 END, updated=?"
-                            " WHERE queue_id=? AND idx=?", rows)
+                            " WHERE queue_id=? AND idx=? AND state IN ('queued','deferred')", rows)
             pending = con.execute("SELECT COUNT(*) FROM recipients WHERE queue_id=? AND state IN ('queued','deferred')",
                                   (queue_id,)).fetchone()[0]
             con.execute("UPDATE messages SET pending=? WHERE queue_id=?", (pending, queue_id))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 def _load_config(path: str | None):
     from .config import ConfigError, load
+    path = path or os.environ.get("POOLMTA_CONFIG") or None
     try:
         return load(path)
     except ConfigError as e:
@@ -52,6 +53,13 @@ def cmd_serve(args) -> int:
     if args.listen:
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, listen=args.listen))
     _setup_logging(args.log_level)
+    from .config import check_host
+    host_problems = check_host(cfg)
+    if host_problems:
+        print("poolmta: cannot start:\n" + "\n".join(f"{cfg.source_file}: error: {p.key}: {p.message}"
+                                                   for p in host_problems), file=sys.stderr)
+        return 2
+    os.umask(0o077)            # the spool holds other people's mail: owner-only, like Postfix's queue
     try:
         Path(cfg.server.data_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -84,6 +92,11 @@ def cmd_config(args) -> int:
             print(f"{args.file}: cannot read: {e.strerror}", file=sys.stderr)
             return 2
         problems = config.check_text(text, args.file)
+        if not any(p.severity == "error" for p in problems):
+            lines = config._Lines(text)
+            cfg = config.loads(text, args.file)
+            problems += [config.Problem(p.key, p.message, "warning", lines.find(p.key), args.file)
+                         for p in config.check_host(cfg)]
         for p in problems:
             print(p)
         errors = sum(p.severity == "error" for p in problems)
@@ -92,13 +105,32 @@ def cmd_config(args) -> int:
         return 1 if errors else 0
     if args.action == "params":
         for section, key, default, doc in config.documented_fields():
-            name = f"{section}.{key}" if section else key
-            print(f"{name} = {default!r}\n    {doc}")
+            if section == "" and key in ("server", "dns", "delivery", "pools", "tenants"):
+                print(f"\n# [{key}{'.NAME' if key in ('pools', 'tenants') else ''}]  {doc}")
+                continue
+            section = (section.replace("pools", "pools.NAME", 1).replace("tenants", "tenants.NAME", 1)
+                       .replace(".sources", ".sources[]").replace(".users", ".users[]")
+                       .replace(".connectors", ".connectors[]"))
+            print(f"{section}.{key} = {_toml_value(default)}\n    {doc}")
         return 0
     if args.action == "defaults":
         print(config.DEFAULT_TOML, end="")
         return 0
     return 2
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
 
 
 def cmd_hash_password(args) -> int:
@@ -171,6 +203,9 @@ async def _route(cfg, args) -> dict:
     tenant, connector, trusted = "", "", False
     if args.auth_user:
         tenant = directory.tenant_of_user(args.auth_user)
+        if not tenant:
+            print(f"poolmta route: warning: {args.auth_user} is not a user of any tenant in {cfg.source_file}; "
+                  "the server would refuse its AUTH", file=sys.stderr)
     elif args.client_ip and (m := directory.connector_for(args.client_ip)):
         tenant, connector, trusted = m.tenant, m.name, m.trusted
     if not tenant:
@@ -216,7 +251,8 @@ def cmd_trace(args) -> int:
             continue
         out.append({"queue_id": qid, "summary": query.summary(con, qid), "events": events})
     if not out:
-        print("poolmta: no matching message in the trace", file=sys.stderr)
+        print(f"poolmta: no matching message in the trace (spool {cfg.server.data_dir}, config {cfg.source_file})",
+              file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(out if not args.queue_id else out[0], indent=2, default=str))
@@ -274,7 +310,7 @@ def cmd_queue(args) -> int:
                     "SELECT address, state, attempts, last_reply FROM recipients WHERE queue_id=? AND state IN"
                     " ('queued','deferred') ORDER BY idx", (qid,)):
                 print(f"      {addr}  {state} after {attempts} attempt(s){'  (' + reply + ')' if reply else ''}")
-        print(f"-- {len(rows)} message(s) in queue")
+        print(f"-- {len(rows)} message(s) in queue (spool {cfg.server.data_dir})")
         return 0
     if args.action == "show":
         if not args.queue_id:
@@ -323,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the gateway")
-    s.add_argument("--config", help="TOML config (default: the embedded defaults)")
+    s.add_argument("--config", help="TOML config (default: $POOLMTA_CONFIG, else the embedded defaults)")
     s.add_argument("--data-dir", help="override server.data_dir")
     s.add_argument("--listen", help="override server.listen")
     s.add_argument("--log-level", default="info")
@@ -338,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--stdin", action="store_true", help="read the password from standard input")
     h.set_defaults(fn=cmd_hash_password)
 
-    r = sub.add_parser("route", help="assess and route a message without sending it")
+    r = sub.add_parser("route", help="assess and route a message without sending it",
+                       description="Assess and route a message exactly as the server would, and print the pool"
+                                   " and reasons; nothing is sent. DNS questions go to the configured resolver"
+                                   " (live DNS unless [dns] nameservers says otherwise).")
     r.add_argument("message", nargs="?", help="message file (RFC 5322), or - for stdin")
     r.add_argument("--mail-from", help="envelope sender (\"\" for the null reverse-path)")
     r.add_argument("--rcpt", action="append", default=[], help="envelope recipient (repeatable)")
@@ -371,7 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args) or 0
+    try:
+        return args.fn(args) or 0
+    except BrokenPipeError:                   # `poolmta trace … | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -165,6 +165,8 @@ class ServerConfig:
         "Largest message accepted, in bytes (SIZE and DATA); over it: 552 5.3.4.", parse=parse_size))
     max_recipients: int = field(default=500, metadata=_doc(
         "Most recipients per message; further RCPTs get 452 4.5.3."))
+    max_hops: int = field(default=50, metadata=_doc(
+        "Most Received headers a message may carry; more means a mail loop: 554 5.4.6 (Postfix's hopcount_limit)."))
     tls_cert: str = field(default="", metadata=_doc(
         "PEM certificate chain for STARTTLS; empty = STARTTLS not offered."))
     tls_key: str = field(default="", metadata=_doc("PEM private key for tls_cert."))
@@ -445,9 +447,14 @@ def check(cfg: Config) -> list[Problem]:
     out: list[Problem] = []
     s, d = cfg.server, cfg.delivery
     try:
-        parse_hostport(s.listen, 25)
+        if not re.search(r":\d+$", s.listen):
+            out.append(Problem("server.listen", f"give the port too, \"host:port\" (e.g. \"{s.listen}:25\"): {s.listen!r}"))
+        else:
+            parse_hostport(s.listen, 25)
     except ValueError as e:
         out.append(Problem("server.listen", str(e)))
+    if s.max_hops < 1:
+        out.append(Problem("server.max_hops", "must be at least 1"))
     if s.max_recipients < 1:
         out.append(Problem("server.max_recipients", "must be at least 1"))
     if s.max_message_size < 1024:
@@ -507,12 +514,17 @@ def check(cfg: Config) -> list[Problem]:
 
     domains: dict[str, str] = {}
     users: dict[str, str] = {}
+    forwards = {a.lower() for t in cfg.tenants.values() for a in t.forward}
+    for t in cfg.tenants.values():
+        for dom in t.accepted_domains:
+            domains.setdefault(dom, "")
     for tname, t in cfg.tenants.items():
         for dom in t.accepted_domains:
-            if dom in domains and domains[dom] != tname:
+            if domains.get(dom) and domains[dom] != tname:
                 out.append(Problem(f"tenants.{tname}.accepted_domains",
                                    f"{dom} is also an accepted domain of tenant {domains[dom]!r}"))
-            domains.setdefault(dom, tname)
+            if not domains.get(dom):
+                domains[dom] = tname
         for i, u in enumerate(t.users):
             key = f"tenants.{tname}.users[{i}]"
             if not u.name:
@@ -527,7 +539,12 @@ def check(cfg: Config) -> list[Problem]:
             if not c.client_ips:
                 out.append(Problem(f"tenants.{tname}.connectors[{i}].client_ips", "a connector needs at least one address"))
             for net in c.client_ips:
-                if ipaddress.ip_network(net).num_addresses > 2 ** 24 and ipaddress.ip_network(net).version == 4:
+                n = ipaddress.ip_network(net)
+                # More than a /8 of IPv4 or a /32 of IPv6 (an ISP's whole allocation) is
+                # an open relay in all but name; an IPv4-mapped IPv6 range counts as IPv4.
+                mapped = n.version == 6 and n.subnet_of(ipaddress.ip_network("::ffff:0:0/96"))
+                too_wide = n.prefixlen < (8 + 96 if mapped else 8 if n.version == 4 else 32)
+                if too_wide:
                     out.append(Problem(f"tenants.{tname}.connectors[{i}].client_ips",
                                        f"{net} lets a very large network relay: an open relay in all but name"))
         for addr, targets in t.forward.items():
@@ -539,6 +556,39 @@ def check(cfg: Config) -> list[Problem]:
                     _address(target)
                 except ValueError as e:
                     out.append(Problem(f"tenants.{tname}.forward.{addr}[{j}]", str(e)))
+                    continue
+                if target.lower() in forwards:
+                    out.append(Problem(f"tenants.{tname}.forward.{addr}[{j}]",
+                                       f"{target} is itself a forwarding address: forwarding is one level deep"
+                                       " and a chain back to itself would loop"))
+                elif target.rpartition("@")[2].lower() in domains:
+                    out.append(Problem(f"tenants.{tname}.forward.{addr}[{j}]",
+                                       f"{target} is in an accepted domain: it leaves through that domain's MX, "
+                                       "which must not forward it back here", severity="warning"))
+    return out
+
+
+def check_host(cfg: Config) -> list[Problem]:
+    """Checks against this host: can every pool source address be bound here?
+
+    A source address that is not on the host makes every delivery of its pool
+    fail locally; `serve` refuses to start with one, `config check` warns
+    (the file may be checked on another machine than the one that runs it).
+    """
+    import socket
+    out: list[Problem] = []
+    for name, p in cfg.pools.items():
+        for i, src in enumerate(p.sources):
+            if not src.address:
+                continue
+            family = socket.AF_INET6 if ":" in src.address else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.bind((src.address, 0))
+            except OSError as e:
+                out.append(Problem(f"pools.{name}.sources[{i}].address",
+                                   f"{src.address} cannot be bound on this host ({e.strerror}): "
+                                   "is it an address of this machine?"))
     return out
 
 
@@ -554,7 +604,8 @@ def documented_fields() -> list[tuple[str, str, Any, str]]:
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             rows.append((prefix, f.name, default, f.metadata.get("doc", "")))
-            inner = typing.get_args(tp)[-1] if typing.get_origin(tp) in (tuple, dict) else tp
+            origin = typing.get_origin(tp)
+            inner = typing.get_args(tp)[0] if origin is tuple else typing.get_args(tp)[-1] if origin is dict else tp
             if dataclasses.is_dataclass(inner):
                 walk(inner, f"{prefix}.{f.name}" if prefix else f.name)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 from .assess import Context, assess
-from .assess.source_domain import check_domain
 from .clock import Clock
 from .model import Decision, Facts, Message
 from .rewrite.headers import prepend_received
@@ -53,11 +52,10 @@ class Pipeline:
         """Re-check the facts listed in decision.recheck; return (decision, still_unknown)."""
         if "source-domain" not in decision.recheck:
             return decision, False
-        sd = await check_domain(msg.envelope.sender_domain, self.ctx.resolver)
+        full = await assess(msg, self.ctx)            # the source-domain check runs again in here
+        sd = full.source_domain
         self.trace.record(msg.queue_id, EventKind.RECHECKED, fact="source-domain", state=str(sd.state),
                           detail=sd.detail)
-        full = await assess(msg, self.ctx)
-        full = dataclasses.replace(full, source_domain=sd)
         new = route(full, self.policy)
         if new.recheck:
             return decision, True

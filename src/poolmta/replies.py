@@ -78,6 +78,9 @@ R452_453_OTHER_TENANT = Reply(452, "4.5.3", "Recipients of another tenant must b
 R553_567_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 R550_571_ADDRESS_LITERAL = Reply(550, "5.7.1", "Address literals are not accepted as recipients")
 
+R554_546_TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (Received headers): probable mail loop")
+R554_546_FORWARD_LOOP = Reply(554, "5.4.6", "Mail forwarding loop: this message was already forwarded for this address")
+
 # Delivery outcomes that poolmta itself produces (they appear in DSNs).
 R550_5110_NULL_MX = Reply(550, "5.1.10", "Recipient domain publishes a null MX and accepts no mail")
 R550_512_NO_SUCH_DOMAIN = Reply(550, "5.1.2", "Recipient domain does not exist in DNS")

@@ -105,3 +105,18 @@ def test_route_rules_table():
 def test_trace_and_queue_without_spool_say_so(tmp_path, cfg_file):
     p = run("trace", "--config", str(cfg_file), "ABC")
     assert p.returncode == 1 and b"no spool" in p.stderr
+
+
+def test_serve_refuses_a_source_address_that_is_not_on_this_host(tmp_path, cfg_file):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg_file.read_text().replace('address = "127.0.0.4"', 'address = "192.0.2.77"'))
+    p = run("config", "check", str(bad))
+    assert p.returncode == 0 and b"warning: pools.relay.sources[0].address: 192.0.2.77 cannot be bound" in p.stdout
+    p = run("serve", "--config", str(bad))
+    assert p.returncode == 2 and b"pools.relay.sources[0].address" in p.stderr
+
+
+def test_config_from_environment(tmp_path, cfg_file):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), POOLMTA_CONFIG=str(cfg_file))
+    p = subprocess.run([sys.executable, "-m", "poolmta", "queue", "list"], capture_output=True, env=env, timeout=60)
+    assert p.returncode == 1 and str(tmp_path / "spool").encode() in p.stderr    # the configured spool, not the default

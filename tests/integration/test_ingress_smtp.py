@@ -290,8 +290,8 @@ async def test_auth_plain_and_login_success_and_failure(gw):
     await c.close()
 
     c = await Raw.open(gw.port)
-    assert (await c.cmd("AUTH LOGIN"))[0] == 334
-    assert (await c.cmd(base64.b64encode(b"alice@acme.example")))[0] == 334
+    assert await c.cmd("AUTH LOGIN") == (334, base64.b64encode(b"Username:").decode())
+    assert await c.cmd(base64.b64encode(b"alice@acme.example")) == (334, base64.b64encode(b"Password:").decode())
     assert status(await c.cmd(base64.b64encode(PASSWORD.encode()))) == (235, "2.7.0")
     await c.close()
 
@@ -420,6 +420,19 @@ async def test_forwarding_address_is_expanded(gw):
     assert msg.envelope.recipients == (
         Recipient("info.team@partner.example", (), "rfc822;INFO@acme.example", "INFO@acme.example"),
         Recipient("boss@other.example", (), "rfc822;INFO@acme.example", "INFO@acme.example"))
+
+
+async def test_forwarding_loop_and_hop_limit_are_refused(gw):
+    """A message that already went through this forwarding address once comes
+    back: refused at DATA, nothing queued (RFC 5321 §6.3)."""
+    c = await Raw.open(gw.port)
+    looped = b"Delivered-To: info@acme.example\r\n" + MSG
+    assert status(await transaction(c, "someone@partner.example", ["info@acme.example"], looped)) == (554, "5.4.6")
+    hops = b"Received: from x by y; Thu, 1 Jan 2026 00:00:00 +0000\r\n" * 51 + MSG
+    assert status(await transaction(c, "someone@partner.example", ["info@acme.example"], hops)) == (554, "5.4.6")
+    assert status(await transaction(c, "someone@partner.example", ["info@acme.example"]))[0] == 250
+    await c.close()
+    assert len(gw.pipeline.messages) == 1
 
 
 async def test_second_tenant_in_one_transaction_is_deferred_to_another(gw):

@@ -93,6 +93,8 @@ ZONE = StaticResolver({
     ("broken.test", DomainState.TEMPERROR),         # SERVFAIL is not "no record"
     ("halfbroken.test", DomainState.TEMPERROR),
     ("", DomainState.NOT_APPLICABLE),
+    ("[192.0.2.1]", DomainState.NO_RECORD),         # an address literal has no name in DNS
+    ("999.999", DomainState.NO_RECORD),             # all-digit labels are names: asked, NXDOMAIN
 ])
 async def test_source_domain_states(domain, state):
     f = await source_domain.check_domain(domain, ZONE)

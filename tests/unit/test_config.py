@@ -61,6 +61,15 @@ sources = [{ address = "127.0.0.4", ehlo = "rly1.example.net" }]
     ('[tenants.a]\naccepted_domains = ["a.example"]\n[tenants.a.forward]\n"x@b.example" = ["y@c.example"]\n',
      "tenants.a.forward.x@b.example", "accepted_domains"),
     ('[delivery]\nqueue_lifetime = "1m"\nretry_schedule = ["5m"]\n', "delivery.queue_lifetime", "shorter"),
+    ('[server]\nlisten = "127.0.0.1"\n', "server.listen", "give the port"),
+    ('[tenants.a]\naccepted_domains = ["a.example"]\nconnectors = [{ name = "c", client_ips = ["::/0"] }]\n',
+     "tenants.a.connectors[0].client_ips", "open relay"),
+    ('[tenants.a]\naccepted_domains = ["a.example"]\nconnectors = [{ name = "c", client_ips = ["2000::/3"] }]\n',
+     "tenants.a.connectors[0].client_ips", "open relay"),
+    ('[tenants.a]\naccepted_domains = ["a.example"]\nconnectors = [{ name = "c", client_ips = ["::ffff:0:0/96"] }]\n',
+     "tenants.a.connectors[0].client_ips", "open relay"),
+    ('[tenants.a]\naccepted_domains = ["a.example"]\n[tenants.a.forward]\n"x@a.example" = ["x@a.example"]\n',
+     "tenants.a.forward.x@a.example[0]", "forwarding is one level deep"),
 ])
 def test_bad_settings_are_named(extra, key, needle):
     problems = [p for p in config.check_text(BASE + extra, "t.toml") if p.severity == "error"]
@@ -110,3 +119,23 @@ def test_example_password_is_secret():
     assert d.authenticate("ALICE@contoso.test", "secret") == "contoso"
     assert d.authenticate("alice@contoso.test", "wrong") is None
     assert d.authenticate("nobody@contoso.test", "secret") is None
+
+
+def test_narrow_connectors_are_fine():
+    text = BASE + '[tenants.a]\naccepted_domains = ["a.example"]\n' \
+        'connectors = [{ name = "c", client_ips = ["10.0.0.0/8", "2001:db8::/32", "::ffff:10.0.0.0/104"] }]\n'
+    assert [p for p in config.check_text(text) if p.severity == "error"] == []
+
+
+def test_forward_into_an_accepted_domain_warns():
+    text = BASE + '[tenants.a]\naccepted_domains = ["a.example", "b.example"]\n' \
+        '[tenants.a.forward]\n"x@a.example" = ["y@b.example"]\n'
+    assert [p.severity for p in config.check_text(text) if p.key == "tenants.a.forward.x@a.example[0]"] == ["warning"]
+
+
+def test_source_address_not_on_this_host():
+    cfg = config.loads(BASE)
+    assert config.check_host(cfg) == []            # 127.0.0.x is always ours
+    bad = config.loads(BASE.replace("127.0.0.4", "192.0.2.77"))
+    (p,) = config.check_host(bad)
+    assert p.key == "pools.r.sources[0].address" and "cannot be bound on this host" in p.message

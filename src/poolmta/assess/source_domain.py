@@ -26,9 +26,10 @@ from ..model import DomainState, Message, SourceDomainFact
 async def check_domain(domain: str, resolver: Resolver) -> SourceDomainFact:
     if not domain:
         return SourceDomainFact("", DomainState.NOT_APPLICABLE)
-    if domain.startswith("[") or domain.replace(".", "").isdigit():
-        # An address literal has no DNS to ask; it resolves by definition.
-        return SourceDomainFact(domain, DomainState.RESOLVES, "address literal")
+    if domain.startswith("["):
+        # An address literal has no name to look up: it has no MX and no A
+        # record in DNS, which is exactly what the seed sends to high-risk.
+        return SourceDomainFact(domain, DomainState.NO_RECORD, "address literal: no name in DNS")
     mx = await resolver.query(domain, "MX")
     if mx.rcode == Rcode.OK:
         hosts = [h for _, h in mx.records]

@@ -42,6 +42,10 @@ into two: the whole message is refused with ``554 5.6.0`` once the real end
 arrives. Lines over 998 octets get ``500 5.5.6``, more than the size limit
 ``552 5.3.4``; in each case nothing is kept.
 
+Loops. ``check_loop`` refuses (``554 5.4.6``) a message with more Received
+headers than ``server.max_hops``, or one that already carries our
+Delivered-To for a forwarding address it is being forwarded for again.
+
 TRUST: every argument is untrusted client input. The Directory answers from
 configuration only; this module never calls its (slow) ``authenticate``.
 
@@ -51,7 +55,7 @@ recipients), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 6531 (SMTPUTF8,
 553 5.6.7), RFC 3461 (RET, ENVID, NOTIFY, ORCPT, xtext), RFC 4954 §5 (AUTH=
 MAIL parameter), RFC 3463 (enhanced status codes).
 
-CONFIG: server.max_message_size, server.max_recipients (passed in);
+CONFIG: server.max_message_size, server.max_recipients, server.max_hops (passed in);
 tenants.* through tenancy.Directory.
 
 SEE ALSO: ingress/handler.py, ingress/server.py, tenancy.py, replies.py
@@ -73,6 +77,8 @@ from ..replies import (
     R550_571_RELAY_DENIED,
     R552_534_TOO_BIG,
     R553_567_NON_ASCII,
+    R554_546_FORWARD_LOOP,
+    R554_546_TOO_MANY_HOPS,
     R554_560_BARE_NEWLINE,
     R555_PARAM_UNKNOWN,
     R452_453_OTHER_TENANT,
@@ -607,3 +613,39 @@ class DataAssembler:
         if self.too_long:
             return Refuse(R500_LINE_TOO_LONG)
         return b"".join(self._parts)
+
+
+# ---- mail loops --------------------------------------------------------------
+
+def _header_lines(content: bytes) -> list[bytes]:
+    """The unfolded header field names and values of the message (only the header block)."""
+    end = content.find(b"\r\n\r\n")
+    block = content if end < 0 else content[:end]
+    out: list[bytes] = []
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] += line
+        else:
+            out.append(line)
+    return out
+
+
+def check_loop(content: bytes, recipients: tuple[Recipient, ...], max_hops: int) -> Refuse | None:
+    """RFC 5321 §6.3: refuse a message that has been round too often.
+
+    Two tests, as Postfix does: more Received headers than ``max_hops``
+    (hopcount_limit), and a forwarding address that this message was already
+    forwarded for (our Delivered-To header, as local(8) does): a loop of
+    forwarding addresses stops at its first turn instead of multiplying.
+    """
+    lines = _header_lines(content)
+    hops = sum(1 for h in lines if h[:9].lower() == b"received:")
+    if hops > max_hops:
+        return Refuse(R554_546_TOO_MANY_HOPS)
+    forwarded_for = {r.original.lower() for r in recipients if r.original}
+    if forwarded_for:
+        seen = {h[13:].strip().strip(b"<>").decode("utf-8", "replace").lower()
+                for h in lines if h[:13].lower() == b"delivered-to:"}
+        if forwarded_for & seen:
+            return Refuse(R554_546_FORWARD_LOOP)
+    return None

@@ -130,7 +130,12 @@ class IngressHandler:
         if self.closing:
             return str(R421_SHUTDOWN)
         facts = self.facts(session)
-        msg = self.message(session, envelope, facts, envelope.original_content or b"")
+        content = envelope.original_content or b""
+        looping = acceptance.check_loop(content, envelope.recipients, self.cfg.server.max_hops)
+        if looping:
+            log.warning("loop refused client=%s from=%s reply=%s", facts.client_ip, envelope.mail_from, looping)
+            return str(looping)
+        msg = self.message(session, envelope, facts, content)
         task = asyncio.ensure_future(self.pipeline.accept(msg))
         client = {"waiting": True}
         self.inflight.add(task)

@@ -191,6 +191,10 @@ class PoolEnvelope(AioEnvelope):
 # ---- the protocol -----------------------------------------------------------------
 
 class PoolSMTP(SMTP):
+    # The customary AUTH LOGIN prompts (aiosmtpd's end in a NUL byte).
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
     def __init__(self, handler: IngressHandler, *, server_cfg: ServerConfig,
                  tls_context: ssl.SSLContext | None = None, sessions: set | None = None,
                  loop: asyncio.AbstractEventLoop | None = None):

@@ -1,4 +1,5 @@
-"""rewrite.headers - the Received header we prepend for our own hop
+"""rewrite.headers - the trace headers we prepend for our own hop: Received, and
+Delivered-To for each forwarding address the message was expanded from
 
 STANDARDS: RFC 5321 §4.4 (trace information), RFC 5322 §3.6.7
 
@@ -24,7 +25,17 @@ def received(msg: Message, hostname: str) -> bytes:
     return line.encode("utf-8", "surrogateescape")
 
 
+def delivered_to(msg: Message) -> bytes:
+    """One Delivered-To per forwarding address the message was expanded from,
+    so that it is recognised (and refused) if a loop brings it back."""
+    seen: list[str] = []
+    for r in msg.envelope.recipients:
+        if r.original and r.original.lower() not in seen:
+            seen.append(r.original.lower())
+    return b"".join(f"Delivered-To: {a}\r\n".encode("utf-8", "surrogateescape") for a in seen)
+
+
 def prepend_received(msg: Message, hostname: str) -> bytes:
     if msg.origin.kind != "smtp":
         return msg.content
-    return received(msg, hostname) + msg.content
+    return delivered_to(msg) + received(msg, hostname) + msg.content

@@ -6,7 +6,7 @@ process) on loopback addresses, sends a handful of real messages through it,
 and prints for each: sender, recipient, the pool and reasons from the trace,
 and the source address and EHLO name the receiving server saw.
 
-    pip install -e '.[test]' && python3 examples/demo.py
+    pip install -e '.[test]' && python3 examples/demo.py [--keep]
 """
 
 import sys
@@ -64,15 +64,26 @@ def main() -> int:
                 pool, reasons = f"{pool} -> DSN {ds.get('routed')}", f"{reasons} -> {','.join(ds.get('reasons', []))}"
             rows.append((what, mail_from or "<>", rcpt, pool, reasons,
                          f"{m.peer} {m.ehlo}" + (f" (DSN to {arrives_for})" if sink_name == "contoso" else ""),
-                         f"{time.time() - t0:.1f}s"))
-        heads = ("message", "sender", "recipient", "pool", "reasons", "receiver saw", "took")
+                         f"{time.time() - t0:.1f}s", qid))
+        heads = ("message", "sender", "recipient", "pool", "reasons", "receiver saw", "took", "queue id")
         widths = [max(len(str(r[i])) for r in rows + [heads]) for i in range(len(heads))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
         print(line(heads))
         print("  ".join("-" * w for w in widths))
         for r in rows:
             print(line(r))
-        print(f"\nTrace of any message: poolmta trace --config {world.config_path} QUEUE-ID (while the demo runs)")
+        if "--keep" in sys.argv:
+            print(f"\nThe world keeps running; in another shell:\n"
+                  f"  export POOLMTA_CONFIG={world.config_path}\n"
+                  f"  poolmta trace {rows[0][-1]}\n  poolmta queue list\n"
+                  f"Ctrl-C here stops it.")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        else:
+            print("\nRun with --keep to leave everything running and look with poolmta trace / queue.")
     return 0
 
 

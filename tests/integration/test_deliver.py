@@ -7,6 +7,7 @@ A 1 s retry schedule keeps retries quick; nothing here asserts a duration.
   127.0.0.2  normal pool (out1.gw.test)     127.0.0.20  MX of dest.test (and implicit.test)
   127.0.0.3  high-risk pool (hr1.gw.test)   127.0.0.21  MX of sender.test: DSNs arrive here
   127.0.0.4  relay pool (rly1.gw.test)      127.0.0.22  MX of tls.test: offers STARTTLS
+                                            127.0.0.23  MX of held.test: holds RCPT (see HoldingSink)
                                             127.0.0.30  nothing listens (dead primary MX)
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import sqlite3
 import ssl
 import time
 from email import policy
@@ -36,7 +38,7 @@ from poolmta.spool.sqlite import SQLiteSpool
 from poolmta.trace import EventKind
 from poolmta.trace import query
 from tests.support.dnsserver import TestDNSServer
-from tests.support.sink import Sink
+from tests.support.sink import Sink, _Handler
 
 NORMAL, HIGH_RISK, RELAY = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 NULL_PATH = ("", "<>")          # aiosmtpd records MAIL FROM:<> as "<>"
@@ -53,6 +55,8 @@ ZONE = {
     "mx.dead.test": {"A": ["127.0.0.30"]},
     "tls.test": {"MX": [(10, "mx.tls.test")]},
     "mx.tls.test": {"A": ["127.0.0.22"]},
+    "held.test": {"MX": [(10, "mx.held.test")]},
+    "mx.held.test": {"A": ["127.0.0.23"]},
     # nowhere.test: not in the zone → NXDOMAIN
 }
 SERVFAIL = ("broken.test", "brokensender.test")
@@ -112,6 +116,37 @@ accepted_domains = ["sender.test", "brokensender.test"]
 
 # ---- the world: DNS and sinks, shared by the module ------------------------------
 
+class _HoldingHandler(_Handler):
+    """RCPT for ``hold*`` waits until the test releases that address, then is
+    refused (550) if the local part contains "reject", else accepted; RCPT for
+    ``tarpit*`` never gets an answer. Both are listed in ``holding`` while held."""
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        local = address.split("@")[0].lower()
+        sink = self.sink
+        if local.startswith("tarpit"):
+            sink.holding.add(address)
+            await asyncio.sleep(3600)          # cancelled when the sink stops
+        if local.startswith("hold"):
+            sink.holding.add(address)
+            deadline = time.monotonic() + 30
+            while address not in sink.released and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if "reject" in local:
+                return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 OK"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+class HoldingSink(Sink):
+    def __init__(self, address: str, port: int):
+        super().__init__(address, port)
+        self.holding: set[str] = set()
+        self.released: set[str] = set()
+        self.controller.handler = _HoldingHandler(self)
+
+
 class World:
     def __init__(self, tmp: Path):
         self.tmp = tmp
@@ -120,6 +155,7 @@ class World:
         self.port = self.dest.port
         self.sender = Sink("127.0.0.21", self.port)
         self.tls = Sink("127.0.0.22", self.port)
+        self.held = HoldingSink("127.0.0.23", self.port)
         cert, key = tmp / "cert.pem", tmp / "key.pem"
         cert.write_text(TEST_CERT)
         key.write_text(TEST_KEY)
@@ -137,10 +173,10 @@ class World:
 def world(tmp_path_factory):
     w = World(tmp_path_factory.mktemp("deliver-world"))
     w.dns.start()
-    for s in (w.dest, w.sender, w.tls):
+    for s in (w.dest, w.sender, w.tls, w.held):
         s.start()
     yield w
-    for s in (w.dest, w.sender, w.tls):
+    for s in (w.dest, w.sender, w.tls, w.held):
         s.stop()
     w.dns.stop()
 
@@ -473,3 +509,28 @@ async def test_a_crashing_group_is_deferred_and_the_loop_goes_on(world, make_gat
     q2 = await gw.send("alice@sender.test", ["ok-after-crash@dest.test"])
     await gw.wait_state(q2, RecipientState.DELIVERED)
     assert world.dest.to("ok-after-crash@dest.test")
+
+
+# ---- operator actions meet deliveries in flight -------------------------------------------
+
+async def test_a_late_bounce_for_a_recipient_the_operator_deleted_is_not_traced_or_reported(world, gw):
+    rcpt = "hold-reject-deleted@held.test"
+    qid = await gw.send("alice@sender.test", [rcpt])
+    await until(lambda: rcpt in world.held.holding)
+    # What `poolmta queue delete` does, from another process, while the RCPT is in flight:
+    con = sqlite3.connect(gw.data_dir / "spool.db", isolation_level=None)
+    try:
+        con.execute("UPDATE recipients SET state='deleted' WHERE queue_id=? AND state IN ('queued','deferred')",
+                    (qid,))
+        con.execute("UPDATE messages SET pending=0 WHERE queue_id=?", (qid,))
+    finally:
+        con.close()
+    world.held.released.add(rcpt)
+    [attempt] = await until(lambda: gw.of(qid, EventKind.ATTEMPT))
+    assert any("550 5.1.1" in line for line in attempt.data["replies"])     # what happened stays on record
+    await until(lambda: gw.scheduler.in_flight == 0)
+    assert (await gw.recipient(qid)).state == RecipientState.DELETED
+    assert not gw.of(qid, EventKind.BOUNCED)
+    assert not gw.of(qid, EventKind.DSN_CREATED) and not gw.of(qid, EventKind.DSN_SUPPRESSED)
+    assert await gw.spool.undelivered_dsns() == []
+    assert not world.dsns_for(qid)

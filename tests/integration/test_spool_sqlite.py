@@ -96,3 +96,27 @@ async def test_body_dropped_when_nothing_is_pending(tmp_path):
         assert await spool.list() == []
     finally:
         await spool.close()
+
+
+async def test_update_changes_only_pending_recipients_and_says_which(tmp_path):
+    spool = SQLiteSpool(tmp_path)
+    try:
+        m = message(3)
+        await spool.accept(m, FACTS, DECISION)
+        assert await spool.update(m.queue_id, [RecipientUpdate(0, RecipientState.DELIVERED, 0, "250 ok")], 1.0) == [0]
+        # An operator deletes recipient 1 (as `poolmta queue delete` does) while an attempt is in flight:
+        con = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+        con.execute("UPDATE recipients SET state='deleted' WHERE queue_id=? AND idx=1", (m.queue_id,))
+        con.close()
+        changed = await spool.update(m.queue_id, [
+            RecipientUpdate(0, RecipientState.BOUNCED, 0, "550 5.1.1 late", "5.1.1"),     # already final
+            RecipientUpdate(1, RecipientState.BOUNCED, 0, "550 5.1.1 late", "5.1.1"),     # deleted meanwhile
+            RecipientUpdate(2, RecipientState.BOUNCED, 0, "550 5.1.1 no", "5.1.1"),
+        ], 2.0)
+        assert changed == [2]
+        got = await spool.get(m.queue_id)
+        assert [(r.state, r.last_reply) for r in got.recipients] == [
+            (RecipientState.DELIVERED, "250 ok"), (RecipientState.DELETED, ""),
+            (RecipientState.BOUNCED, "550 5.1.1 no")]
+    finally:
+        await spool.close()

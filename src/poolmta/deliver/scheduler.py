@@ -20,7 +20,11 @@ One group, in order (Postfix's qmgr → smtp → bounce, in one coroutine):
 5. classify (outcome.py) and plan retries (spool/schedule.py): a deferred
    recipient whose next retry would fall past the queue lifetime EXPIRES
    (5.4.7, last reply kept);
-6. commit the new states with one ``spool.update``, then trace them;
+6. commit the new states with one ``spool.update``, then trace them. The
+   update only touches recipients still pending and returns those it changed:
+   a recipient an operator deleted (``poolmta queue delete``) while this
+   attempt was in flight stays deleted, gets no state event and no DSN (the
+   ATTEMPT event still records what the remote said);
 7. for recipients that just bounced or expired, make one DSN (dsn/build.py)
    and hand it to ``pipeline.accept`` (null reverse-path: it is routed like
    any bounce), unless the reverse-path is null (never a DSN about a DSN) or
@@ -263,18 +267,18 @@ class Scheduler:
         msg = stored.message
         now = self.clock.now()
         updates: list[RecipientUpdate] = []
-        events: list[tuple[EventKind, dict]] = []
+        events: list[tuple[int, EventKind, dict]] = []           # (idx, kind, data)
         failed: list[tuple[StoredRecipient, Status]] = []
         for r, o in zip(rcpts, outcomes, strict=True):
             base = {"rcpt": r.address, "reply": o.reply, "status": o.status, "remote_mta": o.remote_mta}
             if isinstance(o, Delivered):
                 updates.append(RecipientUpdate(r.idx, RecipientState.DELIVERED, now, o.reply, o.status, o.remote_mta,
                                                attempted))
-                events.append((EventKind.DELIVERED, base))
+                events.append((r.idx, EventKind.DELIVERED, base))
             elif isinstance(o, Failed):
                 updates.append(RecipientUpdate(r.idx, RecipientState.BOUNCED, now, o.reply, o.status, o.remote_mta,
                                                attempted))
-                events.append((EventKind.BOUNCED, base))
+                events.append((r.idx, EventKind.BOUNCED, base))
                 failed.append((r, dsn.status_for(r.address, state="bounced", reply=o.reply, status=o.status,
                                                  remote_mta=o.remote_mta, orcpt=r.orcpt)))
             else:
@@ -284,19 +288,27 @@ class Scheduler:
                 if isinstance(plan, schedule.Retry):
                     updates.append(RecipientUpdate(r.idx, RecipientState.DEFERRED, plan.at, o.reply, o.status,
                                                    o.remote_mta, attempted))
-                    events.append((EventKind.DEFERRED, {**base, "next_attempt": plan.at}))
+                    events.append((r.idx, EventKind.DEFERRED, {**base, "next_attempt": plan.at}))
                 else:
                     # The last reply stays as the diagnostic; 5.4.7 says why we stopped.
                     st = dsn.status_for(r.address, state="expired", reply=o.reply, status="", remote_mta=o.remote_mta,
                                         orcpt=r.orcpt)
                     updates.append(RecipientUpdate(r.idx, RecipientState.EXPIRED, now, o.reply, st.status,
                                                    o.remote_mta, attempted))
-                    events.append((EventKind.EXPIRED, {**base, "status": st.status, "deadline": plan.deadline}))
+                    events.append((r.idx, EventKind.EXPIRED, {**base, "status": st.status,
+                                                              "deadline": plan.deadline}))
                     failed.append((r, st))
-        await self.spool.update(msg.queue_id, updates, now)
+        changed = set(await self.spool.update(msg.queue_id, updates, now))
         progress.committed = True
-        for kind, data in events:
-            self.trace.record(msg.queue_id, kind, **data)
+        if len(changed) < len(updates):
+            # Final meanwhile (an operator deleted them while we were connected): the
+            # ATTEMPT event keeps the remote's words; no state event, no DSN.
+            log.info("message %s: result for recipient(s) %s ignored: no longer pending", msg.queue_id,
+                     sorted(u.idx for u in updates if u.idx not in changed))
+        for idx, kind, data in events:
+            if idx in changed:
+                self.trace.record(msg.queue_id, kind, **data)
+        failed = [(r, st) for r, st in failed if r.idx in changed]
         if failed:
             await self._notify(stored, failed)
 
@@ -312,8 +324,10 @@ class Scheduler:
                    for i in idxs
                    if stored is None or not any(r.idx == i and r.state.final for r in stored.recipients)]
         try:
-            await self.spool.update(queue_id, updates, now)
+            changed = set(await self.spool.update(queue_id, updates, now))
             for u in updates:
+                if u.idx not in changed:
+                    continue
                 self.trace.record(queue_id, EventKind.DEFERRED, rcpt=addresses.get(u.idx, ""), idx=u.idx,
                                   reply=u.reply, status=u.status, next_attempt=u.next_attempt)
         except Exception:

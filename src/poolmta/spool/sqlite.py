@@ -273,23 +273,30 @@ class SQLiteSpool:
                                       tuple(x for x in r[9].split(",") if x), r[10], r[11], bool(r[12])) for r in rows)
         return StoredMessage(msg, _decision_from(m[4]), json.loads(m[5]), rcpts, m[6])
 
-    async def update(self, queue_id: str, updates: list[RecipientUpdate], now: float) -> None:
+    async def update(self, queue_id: str, updates: list[RecipientUpdate], now: float) -> list[int]:
         rows = [(u.state.value, u.next_attempt, 1 if u.attempted else 0, u.reply, u.status, u.remote_mta, now,
                  queue_id, u.idx) for u in updates]
 
-        def op(con: sqlite3.Connection):
-            con.executemany("UPDATE recipients SET state=?, next_attempt=?, attempts=attempts+?,"
-                            " last_reply=CASE WHEN ?4 = '' THEN last_reply ELSE ?4 END,"
-                            " status=CASE WHEN ?5 = '' THEN status ELSE ?5 END,"
-                            " remote_mta=CASE WHEN ?6 = '' THEN remote_mta ELSE ?6 END, updated=?"
-                            " WHERE queue_id=? AND idx=? AND state IN ('queued','deferred')", rows)
+        def op(con: sqlite3.Connection) -> list[int]:
+            changed: list[int] = []
+            for row in rows:
+                # One statement per recipient, so its rowcount says whether the
+                # row was still pending (works on every SQLite, no RETURNING needed).
+                cur = con.execute("UPDATE recipients SET state=?, next_attempt=?, attempts=attempts+?,"
+                                  " last_reply=CASE WHEN ?4 = '' THEN last_reply ELSE ?4 END,"
+                                  " status=CASE WHEN ?5 = '' THEN status ELSE ?5 END,"
+                                  " remote_mta=CASE WHEN ?6 = '' THEN remote_mta ELSE ?6 END, updated=?"
+                                  " WHERE queue_id=? AND idx=? AND state IN ('queued','deferred')", row)
+                if cur.rowcount > 0:
+                    changed.append(row[-1])
             pending = con.execute("SELECT COUNT(*) FROM recipients WHERE queue_id=? AND state IN ('queued','deferred')",
                                   (queue_id,)).fetchone()[0]
             con.execute("UPDATE messages SET pending=? WHERE queue_id=?", (pending, queue_id))
             if pending == 0:
                 con.execute("DELETE FROM bodies WHERE queue_id=? AND NOT EXISTS (SELECT 1 FROM recipients"
                             " WHERE queue_id=? AND state IN ('bounced','expired') AND dsn_sent=0)", (queue_id, queue_id))
-        await self._write(op)
+            return changed
+        return await self._write(op)
 
     async def set_decision(self, queue_id: str, decision: Decision, facts: Facts) -> None:
         def op(con):

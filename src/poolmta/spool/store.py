@@ -98,7 +98,12 @@ class Spool(Protocol):
 
     async def get(self, queue_id: str) -> StoredMessage | None: ...
 
-    async def update(self, queue_id: str, updates: list[RecipientUpdate], now: float) -> None: ...
+    async def update(self, queue_id: str, updates: list[RecipientUpdate], now: float) -> list[int]:
+        """Apply ``updates`` to recipients that are still pending (queued or
+        deferred); a recipient that became final meanwhile (delivered, bounced,
+        expired, or deleted by an operator while an attempt was in flight) is
+        left alone. Return the idxs actually changed: only those may be traced
+        or reported in a DSN."""
 
     async def set_decision(self, queue_id: str, decision: Decision, facts: Facts) -> None: ...
 

@@ -120,3 +120,52 @@ async def test_update_changes_only_pending_recipients_and_says_which(tmp_path):
             (RecipientState.BOUNCED, "550 5.1.1 no")]
     finally:
         await spool.close()
+
+
+async def test_delete_drops_the_pending_recipients_and_keeps_the_record(tmp_path):
+    spool = SQLiteSpool(tmp_path)
+    try:
+        m = message(3)
+        await spool.accept(m, FACTS, DECISION)
+        await spool.update(m.queue_id, [
+            RecipientUpdate(0, RecipientState.BOUNCED, 0, "550 5.1.1 no", "5.1.1", "mx.d0.test"),   # DSN owed
+            RecipientUpdate(1, RecipientState.DEFERRED, 5000.0, "451 4.2.0 later", "4.2.0", "mx.d1.test"),
+        ], 2000.0)
+        [entry] = await spool.list()
+        assert entry.pending == 2
+        assert entry.recipients == (("r0@d0.test", "bounced", "550 5.1.1 no", 1, 0.0),
+                                    ("r1@d1.test", "deferred", "451 4.2.0 later", 1, 5000.0),
+                                    ("r2@d0.test", "queued", "", 0, 1000.0))
+
+        assert await spool.delete(m.queue_id) == 2          # the two pending recipients
+        got = await spool.get(m.queue_id)
+        assert [r.state for r in got.recipients] == [RecipientState.BOUNCED, RecipientState.DELETED,
+                                                     RecipientState.DELETED]
+        assert got.recipients[1].last_reply == "451 4.2.0 later"       # the history stays
+        assert got.message.content == m.content             # the DSN for r0 still needs the body
+        assert await spool.list() == [] and await spool.due(9999.0, 10, set()) == []
+        assert await spool.next_due_time() is None
+        assert await spool.retry(m.queue_id, 9999.0) == 0
+        assert await spool.undelivered_dsns() == [m.queue_id]
+
+        await spool.mark_dsn_sent(m.queue_id, [0])
+        assert (await spool.get(m.queue_id)).message.content == b""
+        assert await spool.delete(m.queue_id) == 0          # nothing pending any more
+        assert await spool.delete("NOSUCHID") == 0
+    finally:
+        await spool.close()
+
+
+async def test_delete_drops_the_body_when_no_dsn_is_owed(tmp_path):
+    spool = SQLiteSpool(tmp_path)
+    try:
+        m = message(2)
+        await spool.accept(m, FACTS, DECISION)
+        assert await spool.delete(m.queue_id) == 2
+        got = await spool.get(m.queue_id)
+        assert got.message.content == b"" and {r.state for r in got.recipients} == {RecipientState.DELETED}
+        con = sqlite3.connect(tmp_path / "spool.db")
+        assert con.execute("SELECT pending FROM messages WHERE queue_id=?", (m.queue_id,)).fetchone() == (0,)
+        con.close()
+    finally:
+        await spool.close()

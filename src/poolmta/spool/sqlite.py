@@ -10,7 +10,23 @@ thread; WAL lets them run while the writer commits.
 
 The body sits in its own table, written once; recipients carry the state
 that changes after every attempt. When a message has no pending recipient
-left its body is dropped; the envelope, recipient results and trace stay.
+left, and no DSN is still owed for a bounced or expired recipient, its body
+is dropped; the envelope, recipient results and trace stay.
+
+Operations a caller may rely on:
+
+- ``update`` changes only recipients still queued or deferred and returns
+  the idxs it changed (one UPDATE per recipient; its rowcount says whether
+  the row was still pending): a late result never overwrites a final state;
+- ``delete(queue_id)`` is the operator's delete: the pending recipients
+  become ``deleted`` (final, no DSN), ``messages.pending`` becomes 0, the
+  body goes unless a DSN is still owed; it returns how many recipients were
+  dropped (0: nothing was pending). The message row, the recipients' history
+  and the trace stay, so ``poolmta trace`` can still tell the story;
+- ``retry(queue_id | None, now)`` makes pending recipients due now and
+  returns how many;
+- ``list(limit)`` gives the messages with pending recipients, oldest first,
+  each recipient as (address, state, last reply, attempts, next attempt).
 
 TRUST: the file is ours; content is stored as opaque bytes.
 
@@ -27,6 +43,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -325,8 +342,8 @@ class SQLiteSpool:
                              " WHERE pending > 0 ORDER BY received_at LIMIT ?", (limit,)).fetchall()
             out = []
             for q in ms:
-                rs = con.execute("SELECT address, state, last_reply FROM recipients WHERE queue_id=? ORDER BY idx",
-                                 (q[0],)).fetchall()
+                rs = con.execute("SELECT address, state, last_reply, attempts, next_attempt FROM recipients"
+                                 " WHERE queue_id=? ORDER BY idx", (q[0],)).fetchall()
                 out.append(QueueEntry(q[0], q[1], q[2], q[3], q[4], q[5], tuple(tuple(r) for r in rs)))
             return out
         return await self._read(op)
@@ -341,12 +358,17 @@ class SQLiteSpool:
             return cur.rowcount
         return await self._write(op)
 
-    async def delete(self, queue_id: str) -> bool:
+    async def delete(self, queue_id: str, *, now: float | None = None) -> int:
+        when = time.time() if now is None else now
+
         def op(con):
-            n = con.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,)).rowcount
-            con.execute("DELETE FROM bodies WHERE queue_id=?", (queue_id,))
-            con.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
-            return n > 0
+            n = con.execute("UPDATE recipients SET state='deleted', updated=? WHERE queue_id=?"
+                            " AND state IN ('queued','deferred')", (when, queue_id)).rowcount
+            con.execute("UPDATE messages SET pending=0 WHERE queue_id=?", (queue_id,))
+            # Recipients that already bounced may still be owed their DSN, which quotes the body.
+            con.execute("DELETE FROM bodies WHERE queue_id=? AND NOT EXISTS (SELECT 1 FROM recipients WHERE queue_id=?"
+                        " AND state IN ('bounced','expired') AND dsn_sent=0)", (queue_id, queue_id))
+            return n
         return await self._write(op)
 
     async def close(self) -> None:

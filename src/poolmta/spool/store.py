@@ -5,6 +5,11 @@ Postfix's cleanup owns the incoming queue and qmgr reads it). The body is
 written once at accept; the per-recipient state is updated after each
 attempt, as KumoMTA keeps its data and meta spools apart.
 
+A recipient's state only moves forward: queued/deferred → delivered,
+bounced, expired or deleted, never back. ``update`` touches only recipients
+still pending and returns the ones it changed, so a delivery result that
+arrives after an operator's ``delete`` changes nothing and is not reported.
+
 TRUST: everything here was accepted by ingress and routed; ``accept`` must
 not return before the message is durable.
 
@@ -84,7 +89,8 @@ class QueueEntry:
     pool: str
     size: int
     pending: int
-    recipients: tuple[tuple[str, str, str], ...]   # (address, state, last_reply)
+    # (address, state, last_reply, attempts, next_attempt), every recipient in idx order
+    recipients: tuple[tuple[str, str, str, int, float], ...]
 
 
 class Spool(Protocol):
@@ -112,11 +118,18 @@ class Spool(Protocol):
     async def undelivered_dsns(self) -> list[str]:
         """Queue ids with bounced/expired recipients whose DSN was not made yet (after a crash)."""
 
-    async def list(self, limit: int = 1000) -> list[QueueEntry]: ...
+    async def list(self, limit: int = 1000) -> list[QueueEntry]:
+        """Messages with pending recipients, oldest first (``poolmta queue list``)."""
 
-    async def retry(self, queue_id: str | None, now: float) -> int: ...
+    async def retry(self, queue_id: str | None, now: float) -> int:
+        """Make the pending recipients of ``queue_id`` (None: of every message)
+        due at ``now``; return how many."""
 
-    async def delete(self, queue_id: str) -> bool: ...
+    async def delete(self, queue_id: str) -> int:
+        """The operator's delete: mark the pending recipients ``deleted`` (final,
+        no DSN), leave nothing pending, drop the body unless a DSN is still owed
+        for a bounced or expired recipient; return how many recipients were
+        dropped (0 if none was pending). History and trace stay."""
 
     async def close(self) -> None: ...
 

@@ -169,3 +169,31 @@ async def test_delete_drops_the_body_when_no_dsn_is_owed(tmp_path):
         con.close()
     finally:
         await spool.close()
+
+
+def big_message(n_rcpts: int, domain: str, now: float) -> Message:
+    rcpts = tuple(Recipient(f"r{i}@{domain}") for i in range(n_rcpts))
+    return Message(new_queue_id(), Envelope("a@contoso.test", rcpts), Origin("127.0.0.9", helo="h", tenant="contoso"),
+                   b"Subject: x\r\n\r\nbody\r\n", now)
+
+
+async def test_due_is_not_starved_by_large_groups_in_flight_and_never_splits_a_group(tmp_path):
+    spool = SQLiteSpool(tmp_path)
+    try:
+        in_flight = [big_message(60, "big.test", 1000.0 + i) for i in range(3)]     # due first
+        waiting = big_message(1, "small.test", 1100.0)
+        large = big_message(45, "large.test", 1200.0)
+        for m in [*in_flight, waiting, large]:
+            await spool.accept(m, FACTS, DECISION)
+        busy = {(m.queue_id, "big.test") for m in in_flight}
+
+        assert await spool.due(2000.0, 1, busy) == [(waiting.queue_id, "small.test", [0])]
+        got = await spool.due(2000.0, 2, busy)
+        assert got == [(waiting.queue_id, "small.test", [0]), (large.queue_id, "large.test", list(range(45)))]
+        # Without busy groups: the oldest groups first, each whole.
+        got = await spool.due(2000.0, 2, set())
+        assert [(q, d, len(i)) for q, d, i in got] == [(in_flight[0].queue_id, "big.test", 60),
+                                                      (in_flight[1].queue_id, "big.test", 60)]
+        assert got[0][2] == list(range(60))
+    finally:
+        await spool.close()

@@ -15,6 +15,10 @@ is dropped; the envelope, recipient results and trace stay.
 
 Operations a caller may rely on:
 
+- ``due(now, limit, busy)`` selects whole (queue id, domain) groups in SQL
+  (GROUP BY, earliest next attempt first, LIMIT limit + len(busy)) and then
+  drops the busy ones: a group is never split, and large messages already in
+  flight cannot crowd the others out of a round;
 - ``update`` changes only recipients still queued or deferred and returns
   the idxs it changed (one UPDATE per recipient; its rowcount says whether
   the row was still pending): a late result never overwrites a final state;
@@ -248,19 +252,28 @@ class SQLiteSpool:
         await self._write(op)
 
     async def due(self, now: float, limit: int, busy: set[tuple[str, str]]) -> list[tuple[str, str, list[int]]]:
+        """Whole (queue id, domain) groups with a due recipient, earliest first.
+
+        SQL groups the rows, so the LIMIT counts groups, not recipients: a big
+        group is never split, and groups in flight (``busy``, left out here)
+        can take at most len(busy) of the places."""
+        if limit <= 0:
+            return []
+
         def op(con: sqlite3.Connection):
             rows = con.execute(
-                "SELECT queue_id, domain, idx FROM recipients WHERE state IN ('queued','deferred') AND next_attempt <= ?"
-                " ORDER BY next_attempt LIMIT ?", (now, limit * 20 + len(busy) * 20)).fetchall()
-            groups: dict[tuple[str, str], list[int]] = {}
-            for qid, dom, idx in rows:
-                key = (qid, dom)
-                if key in busy:
+                "SELECT queue_id, domain, group_concat(idx), MIN(next_attempt) AS first FROM recipients"
+                " WHERE state IN ('queued','deferred') AND next_attempt <= ?"
+                " GROUP BY queue_id, domain ORDER BY first, queue_id, domain LIMIT ?",
+                (now, limit + len(busy))).fetchall()
+            out: list[tuple[str, str, list[int]]] = []
+            for qid, dom, idxs, _ in rows:
+                if (qid, dom) in busy:
                     continue
-                if key not in groups and len(groups) >= limit:
-                    continue
-                groups.setdefault(key, []).append(idx)
-            return [(q, d, idxs) for (q, d), idxs in groups.items()]
+                out.append((qid, dom, sorted(int(i) for i in idxs.split(","))))
+                if len(out) >= limit:
+                    break
+            return out
         return await self._read(op)
 
     async def next_due_time(self) -> float | None:

@@ -98,7 +98,9 @@ class Spool(Protocol):
         """Store envelope, body and decision; return only once durable."""
 
     async def due(self, now: float, limit: int, busy: set[tuple[str, str]]) -> list[tuple[str, str, list[int]]]:
-        """Up to ``limit`` (queue_id, domain, recipient idxs) groups whose next attempt is due."""
+        """Up to ``limit`` (queue_id, domain, recipient idxs) groups whose next attempt is due,
+        earliest first; each group whole (every due recipient of that message and
+        domain), none of the ``busy`` keys."""
 
     async def next_due_time(self) -> float | None: ...
 

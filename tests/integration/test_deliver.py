@@ -534,3 +534,16 @@ async def test_a_late_bounce_for_a_recipient_the_operator_deleted_is_not_traced_
     assert not gw.of(qid, EventKind.DSN_CREATED) and not gw.of(qid, EventKind.DSN_SUPPRESSED)
     assert await gw.spool.undelivered_dsns() == []
     assert not world.dsns_for(qid)
+
+
+async def test_stop_keeps_to_its_grace_even_when_the_mx_is_a_tarpit(world, gw):
+    rcpt = "tarpit-stop@held.test"
+    qid = await gw.send("alice@sender.test", [rcpt])
+    await until(lambda: rcpt in world.held.holding)
+    started = time.monotonic()
+    await gw.scheduler.stop(grace=0.3)
+    # command_timeout is 5 s: a QUIT sent into the tarpit would wait for all of it.
+    assert time.monotonic() - started < 2.0
+    assert gw.scheduler.in_flight == 0
+    r = await gw.recipient(qid)
+    assert r.state == RecipientState.QUEUED              # nothing lost: due again at the next start

@@ -251,3 +251,44 @@ def test_transcript_replies_for_the_trace():
     t = Transcript(MX1, SOURCE, 25, ("a@x",), greeting=SmtpReply(220, "hi"), ehlo=SmtpReply(250, "mx"),
                    mail=SmtpReply(250, "ok"), rcpt=[SmtpReply(550, "5.1.1 no")])
     assert t.replies() == ["connect: 220 hi", "ehlo: 250 mx", "mail: 250 ok", "rcpt <a@x>: 550 5.1.1 no"]
+
+
+# ---- the goodbye -----------------------------------------------------------------
+
+async def test_quit_after_a_clean_session_even_a_refused_one():
+    conn = FunctionConnector(server(MAIL="553 5.1.8 bad sender"))
+    await run(conn)
+    assert [c for _, c in conn.log][-1] == "QUIT"
+
+
+async def test_no_quit_after_a_broken_session_the_connection_is_just_closed():
+    conn = FunctionConnector(server(RCPT=TimeoutError("timed out")))
+    t = await run(conn)
+    assert t.error_stage == Stage.RCPT
+    assert "QUIT" not in [c for _, c in conn.log]
+    assert conn.closed == ["192.0.2.20"]
+
+
+async def test_no_quit_when_the_transaction_is_cancelled():
+    import asyncio
+    entered = asyncio.Event()
+
+    class Stalling(FunctionConnector):
+        async def connect(self, target, port, source, **kw):
+            session, greeting = await super().connect(target, port, source, **kw)
+            real_rcpt = session.rcpt
+
+            async def rcpt(*a):
+                entered.set()
+                await asyncio.sleep(3600)         # a tarpit: RCPT is never answered
+                return await real_rcpt(*a)
+            session.rcpt = rcpt
+            return session, greeting
+
+    conn = Stalling(server())
+    task = asyncio.create_task(run(conn))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "QUIT" not in [c for _, c in conn.log] and conn.closed == ["192.0.2.20"]

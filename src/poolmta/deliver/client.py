@@ -32,6 +32,12 @@ Behaviour worth knowing:
   BODY=8BITMIME, SMTPUTF8, and the RFC 3461 DSN parameters (RET, ENVID,
   NOTIFY, ORCPT) so that a downstream MTA honours the sender's choices.
 - No RCPT accepted: no DATA; the session ends with QUIT.
+- QUIT only ends a clean session (every command answered, refusals
+  included), and its answer is awaited at most QUIT_TIMEOUT (5 s, or
+  command_timeout if shorter). A session that broke (timeout, reset, TLS
+  failure) or a transaction that is cancelled (``Scheduler.stop`` after its
+  grace) just closes the transport: a tarpit that never answers would
+  otherwise hold the task for another command_timeout.
 
 TRUST: remote replies are untrusted text; they are flattened to one line and
 cut to a sane length before they reach the spool, the trace or a DSN.
@@ -60,6 +66,7 @@ from ..model import Envelope, Recipient, Source
 from .mx import Target
 
 MAX_REPLY_TEXT = 512          # a remote reply longer than this is cut: it goes into DSNs and the trace
+QUIT_TIMEOUT = 5.0            # the most a polite goodbye may cost (less when command_timeout is shorter)
 
 
 class Stage(StrEnum):
@@ -110,7 +117,9 @@ class Session(Protocol):
     async def rcpt(self, recipient: str, options: Sequence[str], utf8: bool) -> SmtpReply: ...
     async def data(self, content: bytes) -> SmtpReply: ...
     async def quit(self) -> None:
-        """Say goodbye and close; never raises."""
+        """Say goodbye (waiting at most QUIT_TIMEOUT for the answer) and close; never raises."""
+    def close(self) -> None:
+        """Close the connection at once, without a word; never raises."""
 
 
 class Connector(Protocol):
@@ -225,8 +234,13 @@ async def transact(connector: Connector, target: Target, source: Source, *, port
         return t
     try:
         await _converse(session, t, envelope, recipients, content, starttls)
-    finally:
-        await session.quit()
+    except BaseException:
+        session.close()          # cancelled (shutdown): no goodbye that could outlast the grace
+        raise
+    if t.error is None:
+        await session.quit()     # a clean end, refusals included: say goodbye, briefly
+    else:
+        session.close()          # broken, timed out or a tarpit: a QUIT would only wait again
     if t.error_stage == Stage.STARTTLS and t.error is not None:
         # The handshake broke the connection: one more connection, in plaintext.
         again = await transact(connector, target, source, port=port, envelope=envelope, recipients=recipients,
@@ -325,11 +339,17 @@ class _AioSession:
     async def quit(self) -> None:
         try:
             if self.smtp.is_connected:
-                await self.smtp.quit(timeout=min(self.timeout, 30.0))
+                await self.smtp.quit(timeout=min(self.timeout, QUIT_TIMEOUT))
         except Exception:      # the transaction is over; a rude goodbye changes nothing
             pass
         finally:
             self.smtp.close()
+
+    def close(self) -> None:
+        try:
+            self.smtp.close()
+        except Exception:
+            pass
 
 
 class AiosmtplibConnector:
@@ -407,6 +427,9 @@ class _FunctionSession:
         except Exception:
             pass
 
+    def close(self) -> None:
+        self.conn.closed.append(self.target.address)
+
 
 class FunctionConnector:
     """A Connector whose server is a function ``(target, command) -> reply text``.
@@ -415,13 +438,15 @@ class FunctionConnector:
     "RCPT TO:<b> OPTS", "DATA", "." (end of content) and "QUIT". The handler
     may raise to simulate a broken connection. EHLO keywords are read from a
     multi-line EHLO reply ("250-mx.example\\n250 STARTTLS"). Every command is
-    logged in ``log`` as (address, command); contents in ``content``.
+    logged in ``log`` as (address, command); contents in ``content``; the
+    address of every connection closed without QUIT in ``closed``.
     """
 
     def __init__(self, handler: Handler):
         self.handler = handler
         self.log: list[tuple[str, str]] = []
         self.content: list[bytes] = []
+        self.closed: list[str] = []
 
     async def connect(self, target: Target, port: int, source: Source, *, connect_timeout: float,
                       command_timeout: float) -> tuple[Session, SmtpReply]:

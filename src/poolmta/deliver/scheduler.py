@@ -127,7 +127,9 @@ class Scheduler:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop looking for work; let transactions in flight finish for ``grace``
-        seconds, then cancel the rest (their recipients stay due: nothing is lost)."""
+        seconds, then cancel the rest (their recipients stay due: nothing is lost).
+        A cancelled transaction closes its connection without QUIT (client.py),
+        so stop() takes about ``grace``, even when an MX never answers."""
         self._stopping = True
         self.wake()
         if self._task is not None:

@@ -93,6 +93,8 @@ R550_544_NO_ROUTE = Reply(550, "5.4.4", "Recipient domain has no mail exchanger 
 R451_475_TLS_FAILED = Reply(451, "4.7.5", "TLS negotiation with the remote host failed")
 R451_435_NO_SOURCE = Reply(451, "4.3.5", "The delivery pool of this message is not configured; delivery waits")
 R451_450_PROTOCOL = Reply(451, "4.5.0", "Unexpected reply from the remote host")
+R451_441_CONN_REFUSED = Reply(451, "4.4.1", "Connection refused by host")
+R451_440_LOCAL_BIND = Reply(451, "4.4.0", "Cannot bind pool source address")   # + address and why: a local problem
 
 
 def all_replies() -> dict[str, Reply]:

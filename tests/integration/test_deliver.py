@@ -29,9 +29,9 @@ import poolmta.tenancy
 import poolmta.trace
 from poolmta import config, replies
 from poolmta.clock import SystemClock
-from poolmta.deliver import Scheduler
+from poolmta.deliver import AiosmtplibConnector, Scheduler, Target, client, outcome
 from poolmta.dns import CachingResolver
-from poolmta.model import Envelope, Message, Origin, Recipient
+from poolmta.model import Envelope, Message, Origin, Recipient, Source
 from poolmta.pipeline import Pipeline
 from poolmta.spool import RecipientState, RecipientUpdate, new_queue_id
 from poolmta.spool.sqlite import SQLiteSpool
@@ -83,7 +83,9 @@ ejkAAMhNS0fntIWqTipZgbmOOONDzhtZR6Awna7zAbtNlmKdpWbW4xKE
 """
 
 
-def config_text(mx_port: int, lifetime: str = "1h", starttls: str = "opportunistic") -> str:
+def config_text(mx_port: int, lifetime: str = "1h", starttls: str = "opportunistic",
+                normal_sources=((NORMAL, "out1.gw.test"),)) -> str:
+    normal = ", ".join(f'{{ address = "{a}", ehlo = "{e}" }}' for a, e in normal_sources)
     return f"""
 [server]
 hostname = "gw.test"
@@ -99,7 +101,7 @@ starttls = "{starttls}"
 
 [pools.normal]
 role = "normal"
-sources = [{{ address = "{NORMAL}", ehlo = "out1.gw.test" }}]
+sources = [{normal}]
 
 [pools.high-risk]
 role = "high-risk"
@@ -547,3 +549,36 @@ async def test_stop_keeps_to_its_grace_even_when_the_mx_is_a_tarpit(world, gw):
     assert gw.scheduler.in_flight == 0
     r = await gw.recipient(qid)
     assert r.state == RecipientState.QUEUED              # nothing lost: due again at the next start
+
+
+# ---- local trouble is named as local ---------------------------------------------------------
+
+async def test_a_pool_source_that_is_not_on_this_host_is_a_local_deferral(world, make_gateway):
+    gw = await make_gateway(normal_sources=[("192.0.2.77", "out77.gw.test")])
+    qid = await gw.send("alice@sender.test", ["ok-nobind@dest.test"])
+    r = await gw.wait_state(qid, RecipientState.DEFERRED)
+    assert r.status == "4.4.0" and r.remote_mta == ""
+    assert r.last_reply.startswith("451 4.4.0 Cannot bind pool source address 192.0.2.77 (not an address of this host?)")
+    assert "No answer from host" not in r.last_reply
+    assert not world.dest.to("ok-nobind@dest.test")
+
+
+async def test_refused_connection_and_bind_failure_over_real_sockets(world):
+    env = Envelope("alice@sender.test", (Recipient("ok-refused@dest.test"),))
+    conn = AiosmtplibConnector()
+
+    async def attempt(target, source):
+        t = await client.transact(conn, target, source, port=world.port, envelope=env, recipients=env.recipients,
+                                  content=b"Subject: x\r\n\r\nbody\r\n", connect_timeout=2, command_timeout=2)
+        [o] = outcome.classify(t)
+        return t, o
+
+    t, refused = await attempt(Target("mx.dead.test", "127.0.0.30"), Source(NORMAL, "out1.gw.test"))
+    assert refused.status == "4.4.1"
+    assert refused.reply.startswith(f"451 4.4.1 Connection refused by host: connect to mx.dead.test[127.0.0.30]:{world.port}")
+    assert outcome.try_next(t)                     # a backup MX may well answer
+
+    t, unbound = await attempt(Target("mx.dest.test", "127.0.0.20"), Source("192.0.2.77", "out77.gw.test"))
+    assert unbound.status == "4.4.0"
+    assert unbound.reply.startswith("451 4.4.0 Cannot bind pool source address 192.0.2.77 (not an address of this host?)")
+    assert not outcome.try_next(t)                 # every other MX would fail the same way

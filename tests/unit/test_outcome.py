@@ -161,15 +161,34 @@ async def test_4xx_at_session_stage_defers_all_and_allows_the_next_mx(stage):
     assert try_next(t)
 
 
-async def test_connection_refused_is_deferred_441_with_where():
+async def test_connection_refused_is_deferred_441_refused_by_host_with_where():
     conn = FunctionConnector(server(CONNECT=ConnectionRefusedError(111, "Connection refused")))
     t = await run(conn)
     [o] = classify(t)
     assert isinstance(o, Deferred) and o.status == "4.4.1" and o.remote_mta == ""
-    assert o.reply.startswith(str(replies.R451_441_NO_ANSWER))
-    assert "connect to mx1.dest.test[192.0.2.20]:2525" in o.reply and "Connection refused" in o.reply
+    assert o.reply.startswith("451 4.4.1 Connection refused by host: connect to mx1.dest.test[192.0.2.20]:2525")
+    assert "No answer" not in o.reply
     assert try_next(t)
     assert t.error_stage == Stage.CONNECT
+
+
+async def test_connect_timeout_is_no_answer_441():
+    conn = FunctionConnector(server(CONNECT=TimeoutError("timed out")))
+    [o] = classify(await run(conn))
+    assert o.status == "4.4.1" and o.reply.startswith(str(replies.R451_441_NO_ANSWER) + ": connect to mx1.dest.test")
+
+
+async def test_a_source_address_that_cannot_be_bound_is_a_local_problem_440():
+    import errno
+    from poolmta.deliver.client import SourceBindError
+    err = SourceBindError("192.0.2.2", OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"))
+    conn = FunctionConnector(server(CONNECT=err))
+    t = await run(conn)
+    [o] = classify(t)
+    assert isinstance(o, Deferred) and o.status == "4.4.0" and o.remote_mta == ""
+    assert o.reply.startswith("451 4.4.0 Cannot bind pool source address 192.0.2.2 (not an address of this host?)")
+    assert "mx1.dest.test" not in o.reply and "No answer" not in o.reply     # the remote is not to blame
+    assert not try_next(t)                        # the next MX would fail the same way
 
 
 async def test_timeout_before_rcpt_defers_all():

@@ -13,8 +13,12 @@ The network is behind a ``Connector`` (``connect(target, port, source, …)``
 → ``(Session, greeting)``), as httpx keeps its transport injectable:
 
 - ``AiosmtplibConnector`` is the real one (aiosmtplib >= 5.1.3). It binds
-  ``source_address=(source.address, 0)`` so the connection leaves from the
-  pool source's IP, and uses ``local_hostname=source.ehlo`` so EHLO names it.
+  a socket to ``(source.address, 0)`` itself, so the connection leaves from
+  the pool source's IP and a failed bind is told apart from a failed
+  connect: it raises ``SourceBindError`` (a local problem, e.g. the address
+  is not configured on this host), which outcome.py reports as such. It
+  connects with connect_timeout, hands the socket to aiosmtplib and uses
+  ``local_hostname=source.ehlo`` so EHLO names the source.
   A refusal reply (4xx/5xx) comes back as a reply, never as an exception;
   exceptions mean the conversation broke (refused, reset, timeout, TLS).
 - ``FunctionConnector`` turns a plain function ``(target, command) -> reply``
@@ -55,6 +59,8 @@ SEE ALSO: deliver/outcome.py, deliver/scheduler.py, deliver/mx.py
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -172,6 +178,16 @@ class Transcript:
         if self.error is not None:
             out.append(f"{self.error_stage}: error: {describe(self.error)}")
         return out
+
+
+class SourceBindError(Exception):
+    """The pool source address could not be bound: our problem, not the remote's."""
+
+    def __init__(self, address: str, cause: OSError):
+        super().__init__(f"cannot bind {address}: {cause.strerror or cause}")
+        self.address = address
+        self.cause = cause
+        self.errno = cause.errno
 
 
 def describe(exc: BaseException) -> str:
@@ -352,20 +368,49 @@ class _AioSession:
             pass
 
 
+def bound_socket(address: str) -> socket.socket:
+    """A non-blocking TCP socket bound to ``(address, 0)``; SourceBindError if it cannot be."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    except ValueError as e:
+        raise SourceBindError(address, OSError(0, str(e))) from e
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((address, 0))
+    except OSError as e:
+        sock.close()
+        raise SourceBindError(address, e) from e
+    return sock
+
+
 class AiosmtplibConnector:
     """Connections through aiosmtplib, bound to the source address, with its EHLO name."""
 
     async def connect(self, target: Target, port: int, source: Source, *, connect_timeout: float,
                       command_timeout: float) -> tuple[Session, SmtpReply]:
-        smtp = aiosmtplib.SMTP(hostname=target.address, port=port, local_hostname=source.ehlo,
-                               source_address=(source.address, 0), timeout=command_timeout,
-                               start_tls=False, validate_certs=False)
+        sock = bound_socket(source.address)
+        try:
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (target.address, port)),
+                                       timeout=connect_timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no connection within {connect_timeout:g}s") from None
+            smtp = aiosmtplib.SMTP(hostname=target.address, local_hostname=source.ehlo, sock=sock,
+                                   timeout=command_timeout, start_tls=False, validate_certs=False)
+        except BaseException:
+            sock.close()
+            raise
         session = _AioSession(smtp, target, command_timeout)
         try:
             r = await smtp.connect(timeout=connect_timeout)
         except aiosmtplib.SMTPConnectResponseError as e:
             # The server answered, with a refusal: that is its greeting.
             return session, SmtpReply(e.code, flatten(e.message))
+        except BaseException:
+            smtp.close()               # aiosmtplib has closed its transport; this is for the socket
+            sock.close()
+            raise
         return session, SmtpReply(r.code, flatten(r.message))
 
 

@@ -28,16 +28,28 @@ reply has no enhanced code, X.0.0 of its class is used; when its enhanced
 code contradicts the reply code (550 4.1.1), the reply code wins and the
 class digit is corrected (Postfix's dsn_valid() does the same).
 
+A broken conversation is named for where it broke and whose fault it is:
+
+- the pool source address could not be bound (client.SourceBindError, e.g.
+  EADDRNOTAVAIL: the address is not on this host) is LOCAL:
+  R451_440_LOCAL_BIND "451 4.4.0 Cannot bind pool source address 192.0.2.77
+  (not an address of this host?): …"; no remote host is named or blamed;
+- the connection refused (ECONNREFUSED): R451_441_CONN_REFUSED
+  "451 4.4.1 Connection refused by host: connect to mx[ip]:port: …";
+- no connection or no greeting in time: R451_441_NO_ANSWER (4.4.1);
+- STARTTLS broke: R451_475_TLS_FAILED (4.7.5);
+- anything later: R451_442_CONN_DROPPED (4.4.2), naming the stage.
+
 ``try_next(transcript)`` says when the next MX address may be tried in the
 same attempt: the session failed or was refused with 4xx before any RCPT
 was answered. A 5xx at the greeting, EHLO or MAIL is a verdict, not a reason
-to ask a backup MX.
+to ask a backup MX; a source that cannot be bound would fail for every MX.
 
 TRUST: remote replies are untrusted; client.py has already flattened and cut
 them; here only their first digits and enhanced code are interpreted.
 
 STANDARDS: RFC 5321 §4.2.1 (reply code classes), §4.5.4.1 (retry),
-RFC 3463 (enhanced status codes, 4.4.1, 4.4.2, 4.7.5, 4.5.0),
+RFC 3463 (enhanced status codes, 4.4.0, 4.4.1, 4.4.2, 4.7.5, 4.5.0),
 RFC 2034 (ENHANCEDSTATUSCODES in replies).
 
 SEE ALSO: deliver/client.py, deliver/scheduler.py, spool/schedule.py, replies.py
@@ -45,12 +57,13 @@ SEE ALSO: deliver/client.py, deliver/scheduler.py, spool/schedule.py, replies.py
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass
 
-from ..replies import (R451_441_NO_ANSWER, R451_442_CONN_DROPPED, R451_450_PROTOCOL, R451_475_TLS_FAILED,
-                       Reply)
-from .client import SmtpReply, Stage, Transcript, describe
+from ..replies import (R451_440_LOCAL_BIND, R451_441_CONN_REFUSED, R451_441_NO_ANSWER, R451_442_CONN_DROPPED,
+                       R451_450_PROTOCOL, R451_475_TLS_FAILED, Reply)
+from .client import SmtpReply, SourceBindError, Stage, Transcript, describe
 
 
 @dataclass(frozen=True)
@@ -111,11 +124,44 @@ def of_own(reply: Reply, detail: str = "") -> Outcome:
     return Delivered(text, reply.enhanced)
 
 
+def _in_chain(exc: BaseException | None, match) -> BaseException | None:
+    """The first exception in ``exc``'s cause/context chain for which ``match`` is true."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if match(exc):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def bind_failure(exc: BaseException | None) -> SourceBindError | None:
+    """The SourceBindError behind ``exc``, if the pool source could not be bound."""
+    found = _in_chain(exc, lambda e: isinstance(e, SourceBindError))
+    return found if isinstance(found, SourceBindError) else None
+
+
+def _refused(exc: BaseException) -> bool:
+    return _in_chain(exc, lambda e: isinstance(e, ConnectionRefusedError)
+                     or (isinstance(e, OSError) and e.errno == errno.ECONNREFUSED)) is not None
+
+
+_BIND_HINTS = {errno.EADDRNOTAVAIL: "not an address of this host?",
+               errno.EADDRINUSE: "address in use", errno.EACCES: "permission denied"}
+
+
 def of_error(stage: Stage, exc: BaseException, t: Transcript) -> Deferred:
     """A broken conversation is always temporary; the reply says where and how it broke."""
+    bind = bind_failure(exc)
+    if bind is not None:
+        # Local: nothing was sent anywhere, so no remote host is named.
+        hint = _BIND_HINTS.get(bind.errno or 0)
+        head = f"{R451_440_LOCAL_BIND} {bind.address}" + (f" ({hint})" if hint else "")
+        return Deferred(f"{head}: {describe(bind.cause)}", R451_440_LOCAL_BIND.enhanced)
     where = f"{t.target.host}[{t.target.address}]:{t.port}"
     if stage == Stage.CONNECT and t.greeting is None:
-        ours, what = R451_441_NO_ANSWER, f"connect to {where}"
+        ours = R451_441_CONN_REFUSED if _refused(exc) else R451_441_NO_ANSWER
+        what = f"connect to {where}"
     elif stage == Stage.STARTTLS:
         ours, what = R451_475_TLS_FAILED, f"STARTTLS with {where}"
     else:
@@ -166,6 +212,8 @@ def try_next(t: Transcript) -> bool:
     """May the next MX address be tried in this attempt? Only if nothing was decided yet."""
     if any(r is not None for r in t.rcpt):
         return False
+    if bind_failure(t.error) is not None:
+        return False             # the same source would fail to bind for every MX
     if t.error is not None:
         return True
     refusal = _session_refusal(t)

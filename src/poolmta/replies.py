@@ -95,6 +95,7 @@ R451_435_NO_SOURCE = Reply(451, "4.3.5", "The delivery pool of this message is n
 R451_450_PROTOCOL = Reply(451, "4.5.0", "Unexpected reply from the remote host")
 R451_441_CONN_REFUSED = Reply(451, "4.4.1", "Connection refused by host")
 R451_440_LOCAL_BIND = Reply(451, "4.4.0", "Cannot bind pool source address")   # + address and why: a local problem
+R451_444_NO_SOURCE_FAMILY = Reply(451, "4.4.4", "The delivery pool has no source address of the destination's address family; delivery waits")
 
 
 def all_replies() -> dict[str, Reply]:

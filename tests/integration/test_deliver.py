@@ -9,6 +9,8 @@ A 1 s retry schedule keeps retries quick; nothing here asserts a duration.
   127.0.0.4  relay pool (rly1.gw.test)      127.0.0.22  MX of tls.test: offers STARTTLS
                                             127.0.0.23  MX of held.test: holds RCPT (see HoldingSink)
                                             127.0.0.30  nothing listens (dead primary MX)
+  ::1        a dual-stack normal pool's     ::1         MX of v6only.test and implicit6.test
+             IPv6 source (out6.gw.test)                 (AAAA records only)
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ ZONE = {
     "mx.tls.test": {"A": ["127.0.0.22"]},
     "held.test": {"MX": [(10, "mx.held.test")]},
     "mx.held.test": {"A": ["127.0.0.23"]},
+    "v6only.test": {"MX": [(10, "mx.v6only.test")]},
+    "mx.v6only.test": {"AAAA": ["::1"]},
+    "implicit6.test": {"AAAA": ["::1"]},
     # nowhere.test: not in the zone → NXDOMAIN
 }
 SERVFAIL = ("broken.test", "brokensender.test")
@@ -158,6 +163,7 @@ class World:
         self.sender = Sink("127.0.0.21", self.port)
         self.tls = Sink("127.0.0.22", self.port)
         self.held = HoldingSink("127.0.0.23", self.port)
+        self.v6 = Sink("::1", self.port)
         cert, key = tmp / "cert.pem", tmp / "key.pem"
         cert.write_text(TEST_CERT)
         key.write_text(TEST_KEY)
@@ -175,10 +181,10 @@ class World:
 def world(tmp_path_factory):
     w = World(tmp_path_factory.mktemp("deliver-world"))
     w.dns.start()
-    for s in (w.dest, w.sender, w.tls, w.held):
+    for s in (w.dest, w.sender, w.tls, w.held, w.v6):
         s.start()
     yield w
-    for s in (w.dest, w.sender, w.tls, w.held):
+    for s in (w.dest, w.sender, w.tls, w.held, w.v6):
         s.stop()
     w.dns.stop()
 
@@ -582,3 +588,36 @@ async def test_refused_connection_and_bind_failure_over_real_sockets(world):
     assert unbound.status == "4.4.0"
     assert unbound.reply.startswith("451 4.4.0 Cannot bind pool source address 192.0.2.77 (not an address of this host?)")
     assert not outcome.try_next(t)                 # every other MX would fail the same way
+
+
+# ---- address families ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("domain", ["v6only.test", "implicit6.test"])
+async def test_an_ipv6_only_destination_waits_for_a_pool_without_ipv6_it_does_not_bounce(world, gw, domain):
+    qid = await gw.send("alice@sender.test", [f"ok-v6wait@{domain}"])
+    r = await gw.wait_state(qid, RecipientState.DEFERRED)
+    assert r.status == "4.4.4" and r.last_reply.startswith(str(replies.R451_444_NO_SOURCE_FAMILY))
+    assert "IPv6" in r.last_reply and "'normal'" in r.last_reply and "IPv4" in r.last_reply
+    assert "[::1]" in r.last_reply
+    assert not gw.of(qid, EventKind.BOUNCED) and not world.dsns_for(qid)
+    assert not world.v6.to(f"ok-v6wait@{domain}")
+
+
+@pytest.mark.parametrize("domain", ["v6only.test", "implicit6.test"])
+async def test_a_dual_stack_pool_reaches_an_ipv6_only_destination_from_its_ipv6_source(world, make_gateway, domain):
+    gw = await make_gateway(normal_sources=[(NORMAL, "out1.gw.test"), ("::1", "out6.gw.test")])
+    rcpt = f"ok-v6@{domain}"
+    qid = await gw.send("alice@sender.test", [rcpt])
+    [m] = await until(lambda: world.v6.to(rcpt))
+    assert (m.peer, m.ehlo) == ("::1", "out6.gw.test")
+    await gw.wait_state(qid, RecipientState.DELIVERED)
+    [attempt] = gw.of(qid, EventKind.ATTEMPT)
+    assert (attempt.data["source"], attempt.data["ip"]) == ("::1", "::1")
+
+
+async def test_a_dual_stack_pool_keeps_ipv4_destinations_on_ipv4_sources(world, make_gateway):
+    gw = await make_gateway(normal_sources=[(NORMAL, "out1.gw.test"), ("::1", "out6.gw.test")])
+    qids = [await gw.send("alice@sender.test", [f"ok-v4-{i}@dest.test"]) for i in range(3)]
+    for qid in qids:
+        await gw.wait_state(qid, RecipientState.DELIVERED)
+    assert {world.dest.to(f"ok-v4-{i}@dest.test")[0].peer for i in range(3)} == {NORMAL}

@@ -25,6 +25,14 @@ ZONE = {
     ("wide.example", "MX"): tuple((10, f"mx{i}.wide.example") for i in range(8)),
     **{(f"mx{i}.wide.example", "A"): (f"198.51.100.{i}",) for i in range(8)},
     ("backup.example", "MX"): ((10, "slow.example"), (20, "mx2.example.org")),
+    ("v6only.example", "MX"): ((10, "mx.v6only.example"),),
+    ("mx.v6only.example", "AAAA"): ("2001:db8::66",),
+    ("implicit6.example", "AAAA"): ("2001:db8::67",),
+    ("aaaa-broken.example", "MX"): ((10, "mx.aaaa-broken.example"),),
+    ("mx.aaaa-broken.example", "A"): ("192.0.2.68",),
+    ("mx.aaaa-broken.example", "AAAA"): Rcode.TEMPERROR,
+    ("nov4.example", "MX"): ((10, "nov4.example"),),
+    ("nov4.example", "TXT"): ("no address at all",),
 }
 
 
@@ -42,11 +50,44 @@ async def test_mx_sorted_by_preference_with_a_then_aaaa(resolver):
     assert not any(t.implicit for t in ans.targets)
 
 
-async def test_family_filter_asks_only_for_the_sources_family(resolver):
-    v4 = await lookup("example.org", resolver, 10, family=4)
-    assert [t.address for t in v4.targets] == ["192.0.2.1", "192.0.2.2"]
-    v6 = await lookup("example.org", resolver, 10, family=6)
-    assert [t.address for t in v6.targets] == ["2001:db8::1"]
+async def test_both_families_are_looked_up_and_can_be_taken_apart(resolver):
+    ans = await lookup("example.org", resolver, 10, prefer=4)
+    assert ans.families == {4, 6}
+    assert [t.address for t in ans.of_family(4)] == ["192.0.2.1", "192.0.2.2"]
+    assert [t.address for t in ans.of_family(6)] == ["2001:db8::1"]
+    assert [t.family for t in ans.targets] == [4, 6, 4]
+
+
+async def test_the_cap_counts_the_preferred_family(resolver):
+    # mx1 has A and AAAA: with a total cap of 2 the IPv4 backup mx2 would be lost.
+    ans = await lookup("example.org", resolver, 2, prefer=4)
+    assert [t.address for t in ans.of_family(4)] == ["192.0.2.1", "192.0.2.2"]
+    ans = await lookup("wide.example", resolver, 3, prefer=4, rng=random.Random(0))
+    assert len(ans.of_family(4)) == 3 and len(ans.targets) == 3        # still lazy
+
+
+async def test_an_ipv6_only_mx_has_targets_whatever_the_source(resolver):
+    for prefer in (4, 6, None):
+        ans = await lookup("v6only.example", resolver, 5, prefer=prefer)
+        assert ans.ok, ans
+        assert [(t.host, t.address) for t in ans.targets] == [("mx.v6only.example", "2001:db8::66")]
+        assert ans.families == {6} and ans.of_family(4) == ()
+
+
+async def test_an_ipv6_only_implicit_mx_has_targets(resolver):
+    ans = await lookup("implicit6.example", resolver, 5, prefer=4)
+    assert ans.ok and ans.targets == (Target("implicit6.example", "2001:db8::67", 0, True),)
+
+
+async def test_a_failing_aaaa_query_does_not_hide_the_a_records(resolver):
+    ans = await lookup("aaaa-broken.example", resolver, 5, prefer=4)
+    assert ans.ok and [t.address for t in ans.targets] == ["192.0.2.68"]
+    assert "AAAA" in ans.detail
+
+
+async def test_no_address_of_either_family_is_still_544(resolver):
+    ans = await lookup("nov4.example", resolver, 5, prefer=4)
+    assert ans.failure == replies.R550_544_NO_ROUTE
 
 
 async def test_cap_on_addresses(resolver):
@@ -94,8 +135,8 @@ async def test_null_mx_is_permanent_5110(resolver):
 
 
 async def test_null_mx_mixed_with_real_mx_uses_the_real_ones(resolver):
-    ans = await lookup("mixed.example", resolver, 5, family=4)
-    assert ans.ok and [t.host for t in ans.targets] == ["mx1.example.org"]
+    ans = await lookup("mixed.example", resolver, 5, prefer=4)
+    assert ans.ok and [t.host for t in ans.of_family(4)] == ["mx1.example.org"]
 
 
 async def test_servfail_on_mx_is_temporary_443(resolver):
@@ -120,8 +161,8 @@ async def test_mx_host_with_dns_failure_is_temporary(resolver):
 
 
 async def test_a_failing_primary_does_not_hide_a_working_backup(resolver):
-    ans = await lookup("backup.example", resolver, 5, family=4)
-    assert ans.ok and [t.host for t in ans.targets] == ["mx2.example.org"]
+    ans = await lookup("backup.example", resolver, 5, prefer=4)
+    assert ans.ok and [t.host for t in ans.of_family(4)] == ["mx2.example.org"]
 
 
 async def test_address_literal_needs_no_dns(resolver):
@@ -132,3 +173,8 @@ async def test_address_literal_needs_no_dns(resolver):
 async def test_name_is_normalised(resolver):
     ans = await lookup("Example.ORG.", resolver, 1)
     assert ans.domain == "example.org" and ans.targets[0].host == "mx1.example.org"
+
+
+async def test_an_ipv6_address_literal_is_an_ipv6_target(resolver):
+    ans = await lookup("[IPv6:2001:db8::3]", resolver, 5, prefer=4)
+    assert ans.families == {6} and [t.address for t in ans.of_family(6)] == ["2001:db8::3"]

@@ -1,23 +1,34 @@
 """deliver.mx - where to deliver a domain's mail: MX lookup, implicit MX, null MX
 
-``lookup(domain, resolver, max_addresses)`` returns an ``MxAnswer``: the
-ordered list of (host, address) targets to try, or the reason there are none.
-The order is RFC 5321 §5.1's: MX records by preference, shuffled among equal
-preferences (so load spreads over equal MX hosts), each host's addresses
-in the order A then AAAA. Without an MX record the domain itself is the
-implicit MX. The list is capped at ``max_addresses`` (delivery.max_mx_hosts),
-and hosts are resolved lazily, so a domain with 30 MX hosts costs only the
-lookups needed to fill the cap.
+``lookup(domain, resolver, max_addresses, prefer=)`` returns an
+``MxAnswer``: the ordered list of (host, address) targets to try, or the
+reason there are none. The order is RFC 5321 §5.1's: MX records by
+preference, shuffled among equal preferences (so load spreads over equal MX
+hosts), each host's addresses in the order A then AAAA. Without an MX record
+the domain itself is the implicit MX.
+
+Both address families are always looked up (A and AAAA, concurrently): an
+MX with only AAAA records is a destination, not "no address", whatever the
+family of the source that asks. The caller picks a source whose family the
+answer has (``MxAnswer.families``) and takes that family's targets
+(``MxAnswer.of_family``); deliver/scheduler.py defers with 4.4.4 when the
+pool has no source of any family the destination has.
+
+Targets are capped at ``max_addresses`` (delivery.max_mx_hosts) per family,
+and hosts are resolved lazily: resolution stops once the preferred family
+(``prefer``: the family of the caller's round-robin source) has the cap, so a
+domain with 30 MX hosts costs only the lookups needed to fill it. Without
+``prefer`` the cap counts targets of both families together.
 
 How a lookup ends, and what it means for the recipients:
 
 - MX records with addresses          → targets
 - NXDOMAIN                            → permanent: R550_512_NO_SUCH_DOMAIN (5.1.2)
 - a single MX with host "" ("MX 0 .") → permanent: R550_5110_NULL_MX (5.1.10, RFC 7505 §3)
-- no MX, no A/AAAA (NODATA)           → permanent: R550_544_NO_ROUTE (5.4.4)
-- every MX host without an address    → permanent: R550_544_NO_ROUTE (5.4.4)
+- no MX, no A and no AAAA (NODATA)    → permanent: R550_544_NO_ROUTE (5.4.4)
+- every MX host without an A or AAAA  → permanent: R550_544_NO_ROUTE (5.4.4)
 - SERVFAIL / timeout on the MX query, or on host addresses when no host
-  resolved                            → temporary: R451_443_DNS_TEMPFAIL (4.4.3)
+  resolved (in either family)         → temporary: R451_443_DNS_TEMPFAIL (4.4.3)
 
 A null MX mixed with real MX records is a misconfiguration (RFC 7505 §3
 says it must be alone); the "." entries are ignored and the rest is used.
@@ -59,6 +70,11 @@ class Target:
     preference: int = 0
     implicit: bool = False             # True: no MX record, the domain itself (RFC 5321 §5.1)
 
+    @property
+    def family(self) -> int:
+        """4 or 6: the IP version of ``address``."""
+        return ipaddress.ip_address(self.address).version
+
 
 @dataclass(frozen=True)
 class MxAnswer:
@@ -70,6 +86,20 @@ class MxAnswer:
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+    @property
+    def families(self) -> frozenset[int]:
+        """The IP versions the targets have: {4}, {6}, {4, 6}, or empty on failure."""
+        return frozenset(t.family for t in self.targets)
+
+    def of_family(self, family: int) -> tuple[Target, ...]:
+        """The targets of one IP version, best first."""
+        return tuple(t for t in self.targets if t.family == family)
+
+    def describe_targets(self, limit: int = 3) -> str:
+        """ "mx.example[2001:db8::1], …" for messages."""
+        shown = [f"{t.host}[{t.address}]" for t in self.targets[:limit]]
+        return ", ".join(shown) + (", …" if len(self.targets) > limit else "")
 
 
 def order_mx(records: Iterable[tuple[int, str]], rng: random.Random | None = None) -> list[tuple[int, str]]:
@@ -99,15 +129,12 @@ def _literal(domain: str) -> str | None:
         return None
 
 
-def _family_types(family: int | None) -> tuple[str, ...]:
-    # A before AAAA: the documented order. A source of one family cannot reach
-    # the other, so the scheduler asks only for the family of its source.
-    return {4: ("A",), 6: ("AAAA",)}.get(family or 0, ("A", "AAAA"))
+ADDRESS_TYPES = ("A", "AAAA")          # A before AAAA: the documented order
 
 
-async def _addresses(host: str, resolver: Resolver, family: int | None) -> tuple[list[str], bool, str]:
-    """(addresses, temporary failure seen, detail) of one host."""
-    types = _family_types(family)
+async def _addresses(host: str, resolver: Resolver) -> tuple[list[str], bool, str]:
+    """(addresses, temporary failure seen, detail) of one host, both families."""
+    types = ADDRESS_TYPES
     answers = await asyncio.gather(*(resolver.query(host, t) for t in types))
     addrs: list[str] = []
     temp = False
@@ -127,9 +154,13 @@ async def _addresses(host: str, resolver: Resolver, family: int | None) -> tuple
     return list(dict.fromkeys(addrs)), temp, "; ".join(details)
 
 
-async def lookup(domain: str, resolver: Resolver, max_addresses: int = 5, *, family: int | None = None,
+async def lookup(domain: str, resolver: Resolver, max_addresses: int = 5, *, prefer: int | None = None,
                  rng: random.Random | None = None) -> MxAnswer:
-    """The targets for mail to ``domain``, best first, at most ``max_addresses``."""
+    """The targets for mail to ``domain``, best first, of both families.
+
+    With ``prefer`` (4 or 6) at most ``max_addresses`` per family, and hosts
+    are resolved until the preferred family has that many; without it at
+    most ``max_addresses`` in all."""
     domain = domain.rstrip(".").lower()
     cap = max(1, max_addresses)
     lit = _literal(domain)
@@ -156,22 +187,33 @@ async def lookup(domain: str, resolver: Resolver, max_addresses: int = 5, *, fam
         implicit = True
 
     targets: list[Target] = []
+    count = {4: 0, 6: 0}
     temp_fail = False
     details: list[str] = []
+
+    def full() -> bool:
+        return (count[prefer] if prefer in count else len(targets)) >= cap
+
     for pref, host in hosts:
-        if len(targets) >= cap:
+        if full():
             break
         lit = _literal(host)
         if lit is not None:
             addrs, temp, detail = [lit], False, ""
         else:
-            addrs, temp, detail = await _addresses(host, resolver, family)
+            addrs, temp, detail = await _addresses(host, resolver)
         temp_fail = temp_fail or temp
         if detail:
             details.append(detail)
         for a in addrs:
-            if len(targets) < cap:
-                targets.append(Target(host, a, pref, implicit))
+            t = Target(host, a, pref, implicit)
+            if prefer in count:
+                if count[t.family] >= cap:
+                    continue
+            elif len(targets) >= cap:
+                break
+            count[t.family] += 1
+            targets.append(t)
     if targets:
         return MxAnswer(domain, tuple(targets), detail="; ".join(details))
     if temp_fail:

@@ -11,9 +11,17 @@ One group, in order (Postfix's qmgr → smtp → bounce, in one coroutine):
 1. read the message; if its routing decision left facts to re-check (the
    sender domain's DNS failed at accept time), ask ``pipeline.reassess``;
    still unknown → defer with R451_443_SOURCE_DNS_TEMPFAIL, no connection;
-2. take the pool the decision names and the next of its sources (round-robin
-   per pool). Pools are configuration: nothing here knows what a pool is for;
-3. look up the MX targets, for the source's address family;
+2. take the pool the decision names. Pools are configuration: nothing here
+   knows what a pool is for;
+3. look up the MX targets, both address families (mx.py), and pick the
+   source: the pool's next source in round-robin order if the destination
+   has addresses of its family, else the next source (in the same order)
+   whose family it has. A pool with no source of any family the destination
+   has (an IPv4-only pool, an MX with only AAAA records) defers with
+   R451_444_NO_SOURCE_FAMILY, naming the families and the pool, without an
+   attempt: the operator may add a source, and the message expires on the
+   queue lifetime like any deferral. Only targets of the source's family are
+   tried (a socket of one family cannot reach the other);
 4. run one SMTP transaction, moving to the next MX address while
    ``outcome.try_next`` allows (connection failure, 4xx before RCPT), at
    most ``delivery.max_mx_hosts`` addresses;
@@ -64,7 +72,7 @@ from ..clock import Clock
 from ..config import DeliveryConfig
 from ..dns import Resolver
 from ..model import Envelope, Message, Origin, Pool, Recipient, Source, Status
-from ..replies import R451_435_NO_SOURCE, R451_443_SOURCE_DNS_TEMPFAIL, R451_LOCAL_ERROR
+from ..replies import R451_435_NO_SOURCE, R451_443_SOURCE_DNS_TEMPFAIL, R451_444_NO_SOURCE_FAMILY, R451_LOCAL_ERROR
 from ..spool import RecipientState, RecipientUpdate, StoredMessage, StoredRecipient, new_queue_id
 from ..spool import schedule
 from ..trace import EventKind
@@ -86,6 +94,27 @@ class _Progress:
     """How far a group got, so an exception handler knows what it may still undo."""
     stored: StoredMessage | None = None
     committed: bool = False
+
+
+def _family(source: Source) -> int:
+    return ipaddress.ip_address(source.address).version
+
+
+def _family_names(families) -> str:
+    return " and ".join(f"IPv{f}" for f in sorted(families))
+
+
+def _family_mismatch(domain: str, answer: mx.MxAnswer, pool: Pool) -> str:
+    """Why no source of ``pool`` can reach ``domain``, for the deferral reply."""
+    theirs = _family_names(answer.families)
+    if domain.startswith("["):
+        what = f"the address literal {domain} is {theirs}"
+    elif all(t.implicit for t in answer.targets):
+        what = f"{domain} (no MX record, so the domain itself) has {theirs} addresses only"
+    else:
+        what = f"the MX hosts of {domain} have {theirs} addresses only"
+    return (f"{what} ({answer.describe_targets()}); "
+            f"pool {pool.name!r} has {_family_names({_family(s) for s in pool.sources})} sources only")
 
 
 def wants_failure_dsn(notify: Sequence[str]) -> bool:
@@ -229,10 +258,14 @@ class Scheduler:
             own = outcome.of_own(R451_435_NO_SOURCE, f"pool {decision.pool!r}")
             await self._finish(stored, rcpts, [own] * len(rcpts), attempted=False, progress=progress)
             return
-        source = self._pick_source(pool)
-
         answer = await mx.lookup(domain, self.resolver, self.cfg.max_mx_hosts,
-                                 family=ipaddress.ip_address(source.address).version, rng=self.rng)
+                                 prefer=_family(self._peek_source(pool)), rng=self.rng)
+        source = self._pick_source(pool, answer.families if answer.ok else None)
+        if source is None:
+            own = outcome.of_own(R451_444_NO_SOURCE_FAMILY, _family_mismatch(domain, answer, pool))
+            log.warning("message %s to %s: %s", queue_id, domain, own.reply)
+            await self._finish(stored, rcpts, [own] * len(rcpts), attempted=False, progress=progress)
+            return
         if not answer.ok:
             own = outcome.of_own(answer.failure)
             self.trace.record(queue_id, EventKind.ATTEMPT, source=source.address, ehlo=source.ehlo, pool=pool.name,
@@ -243,7 +276,7 @@ class Scheduler:
 
         envelope_rcpts = [msg.envelope.recipients[r.idx] for r in rcpts]
         transcript = None
-        for target in answer.targets:
+        for target in answer.of_family(_family(source))[:max(1, self.cfg.max_mx_hosts)]:
             transcript = await client.transact(
                 self.connector, target, source, port=self.cfg.port, envelope=msg.envelope,
                 recipients=envelope_rcpts, content=msg.content, connect_timeout=self.cfg.connect_timeout,
@@ -253,14 +286,26 @@ class Scheduler:
                               replies=transcript.replies(), rcpt=[r.address for r in rcpts])
             if not outcome.try_next(transcript):
                 break
-        assert transcript is not None                # lookup() never returns ok without targets
+        assert transcript is not None                # the source was picked for a family with targets
         await self._finish(stored, rcpts, outcome.classify(transcript), attempted=True, progress=progress)
 
-    def _pick_source(self, pool: Pool) -> Source:
-        """Round-robin over the pool's sources, so their reputations share the load."""
+    def _peek_source(self, pool: Pool) -> Source:
+        """The source the round-robin would give next (without taking it)."""
+        return pool.sources[self._next_source.get(pool.name, 0) % len(pool.sources)]
+
+    def _pick_source(self, pool: Pool, families: frozenset[int] | None = None) -> Source | None:
+        """Round-robin over the pool's sources, so their reputations share the load.
+
+        With ``families``, the round-robin source if its family is among them,
+        else the next source after it that is; None if no source is."""
         i = self._next_source.get(pool.name, 0)
         self._next_source[pool.name] = i + 1
-        return pool.sources[i % len(pool.sources)]
+        n = len(pool.sources)
+        for k in range(n):
+            s = pool.sources[(i + k) % n]
+            if families is None or _family(s) in families:
+                return s
+        return None
 
     # ---- results ------------------------------------------------------------------
     async def _finish(self, stored: StoredMessage, rcpts: Sequence[StoredRecipient], outcomes: Sequence[Outcome],

@@ -6,12 +6,22 @@ The answer says *how* the lookup ended, because the difference between
 timeout) decides routing: the first is a fact, the second is re-checked later
 and never guessed.
 
+``CachingResolver`` keeps answers (negative ones too, RFC 2308; never a
+temporary failure) for their TTL, at most ``dns.cache_ttl_max``. The cache
+is bounded: every ``sweep_every`` inserts, or whenever it grows past
+``max_entries``, expired entries are dropped; if it is still too big, the
+oldest entries go until it is at 90 % of ``max_entries``. So memory stays
+bounded however many names the traffic brings, and a sweep costs one pass
+over the cache every so many inserts, not one per query. Concurrent
+identical lookups share one query.
+
 TRUST: DNS answers are untrusted data; names are lower-cased and the
 trailing dot removed.
 
 STANDARDS: RFC 1035, RFC 2308 (negative caching), RFC 7505 (null MX).
 
-CONFIG: dns.nameservers, dns.timeout, dns.cache_ttl_max
+CONFIG: dns.nameservers, dns.timeout, dns.cache_ttl_max (max_entries and
+sweep_every are constructor arguments with defaults of 10000 and 1000)
 
 SEE ALSO: assess/source_domain.py, deliver/mx.py
 """
@@ -19,6 +29,7 @@ SEE ALSO: assess/source_domain.py, deliver/mx.py
 from __future__ import annotations
 
 import asyncio
+import itertools
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -61,14 +72,15 @@ def _parse(rdtype: str, rrset) -> tuple:
 
 
 class CachingResolver:
-    """dnspython's async resolver with a small TTL-bounded cache of our own.
+    """dnspython's async resolver with a small TTL-bounded, size-bounded cache of our own.
 
     The cache keeps negative answers too (RFC 2308), but never a temperror:
     a failure must be asked again.
     """
 
     def __init__(self, nameservers: list[tuple[str, int]] | None = None, timeout: float = 5.0,
-                 cache_ttl_max: float = 3600.0, clock: Clock | None = None):
+                 cache_ttl_max: float = 3600.0, clock: Clock | None = None, *, max_entries: int = 10_000,
+                 sweep_every: int = 1_000):
         if nameservers:
             r = dns.asyncresolver.Resolver(configure=False)
             r.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
@@ -79,8 +91,34 @@ class CachingResolver:
         self._r = r
         self._clock = clock or SystemClock()
         self._ttl_max = cache_ttl_max
-        self._cache: dict[tuple[str, str], tuple[float, Answer]] = {}
+        self._cache: dict[tuple[str, str], tuple[float, Answer]] = {}     # insertion order = age
+        self._max_entries = max(1, max_entries)
+        self._sweep_every = max(1, sweep_every)
+        self._inserts = 0                       # since the last sweep
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
+
+    @property
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+    def _store(self, key: tuple[str, str], expires: float, answer: Answer) -> None:
+        self._cache.pop(key, None)              # re-inserted at the young end
+        self._cache[key] = (expires, answer)
+        self._inserts += 1
+        if self._inserts >= self._sweep_every or len(self._cache) > self._max_entries:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Drop expired entries; then, if still too many, the oldest ones."""
+        self._inserts = 0
+        now = self._clock.now()
+        for k in [k for k, (expires, _) in self._cache.items() if expires <= now]:
+            del self._cache[k]
+        if len(self._cache) > self._max_entries:
+            # Down to 90 % of the cap, so a full cache is not swept on every insert.
+            excess = len(self._cache) - max(1, (self._max_entries * 9) // 10)
+            for k in list(itertools.islice(self._cache, excess)):
+                del self._cache[k]
 
     async def query(self, name: str, rdtype: str) -> Answer:
         key = (name.rstrip(".").lower(), rdtype)
@@ -95,7 +133,7 @@ class CachingResolver:
         try:
             answer, ttl = await self._lookup(key[0], rdtype)
             if answer.rcode != Rcode.TEMPERROR:
-                self._cache[key] = (self._clock.now() + min(ttl, self._ttl_max), answer)
+                self._store(key, self._clock.now() + min(ttl, self._ttl_max), answer)
             fut.set_result(answer)
             return answer
         except BaseException as e:

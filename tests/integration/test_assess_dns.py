@@ -51,3 +51,20 @@ async def test_negative_answers_are_cached_failures_are_not(resolver, dns_server
     n = len(q)
     assert (await resolver.query("servfail.test", "MX")).rcode == Rcode.TEMPERROR
     assert len(q) > n                       # asked again: a failure is never cached
+
+
+async def test_the_cache_sweeps_expired_entries_and_has_a_hard_cap(dns_server):
+    from poolmta.clock import FakeClock
+    clock = FakeClock()
+    r = CachingResolver([("127.0.0.1", dns_server.port)], timeout=1.0, clock=clock, max_entries=8, sweep_every=4)
+    for i in range(20):                                  # NXDOMAIN, cached (negative TTL of the test zone: 5 s)
+        assert (await r.query(f"gone{i}.test", "A")).rcode == Rcode.NXDOMAIN
+        assert r.cache_size <= 8                         # never more than the cap
+    assert (await r.query("mx.good.test", "A")).rcode == Rcode.OK       # TTL 60 s
+    clock.advance(30)                                    # every negative answer has expired, the A has not
+    for i in range(4):                                   # a few inserts trigger a sweep
+        await r.query(f"later{i}.test", "A")
+    assert r.cache_size <= 5
+    n = len(dns_server.resolver.queries)
+    assert (await r.query("mx.good.test", "A")).records == ("127.0.0.20",)
+    assert len(dns_server.resolver.queries) == n         # the live entry survived the sweep

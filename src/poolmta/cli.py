@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
@@ -276,80 +276,88 @@ def _compact(data: dict) -> str:
     return " ".join(parts)
 
 
-def _rw(data_dir: str) -> sqlite3.Connection:
-    path = Path(data_dir) / "spool.db"
-    if not path.exists():
-        raise FileNotFoundError(f"no spool at {path}")
-    con = sqlite3.connect(path, timeout=30, isolation_level=None)
-    con.execute("PRAGMA busy_timeout=30000")
-    return con
-
-
-def _event(con: sqlite3.Connection, qid: str, kind: str, **data) -> None:
-    con.execute("INSERT INTO events(queue_id, ts, kind, data) VALUES (?,?,?,?)",
-                (qid, time.time(), kind, json.dumps(data)))
-
-
 def cmd_queue(args) -> int:
-    from .trace import query
     cfg = _load_config(args.config)
-    try:
-        con = _rw(cfg.server.data_dir)
-    except FileNotFoundError as e:
-        print(f"poolmta: {e}", file=sys.stderr)
+    if not (Path(cfg.server.data_dir) / "spool.db").exists():
+        print(f"poolmta: no spool at {cfg.server.data_dir} (config {cfg.source_file})", file=sys.stderr)
         return 1
-    if args.action == "list":
-        rows = con.execute("SELECT queue_id, received_at, mail_from, pool, size FROM messages WHERE pending > 0"
-                           " ORDER BY received_at").fetchall()
-        if args.json:
-            print(json.dumps([query.message_row(con, r[0]) for r in rows], indent=2))
+    if args.action in ("show", "delete") and not args.queue_id:
+        print(f"poolmta queue {args.action}: give a queue id", file=sys.stderr)
+        return 2
+    if args.action == "retry" and not (args.queue_id or args.all):
+        print("poolmta queue retry: give a queue id or --all", file=sys.stderr)
+        return 2
+    return asyncio.run(_queue(cfg, args))
+
+
+async def _queue(cfg, args) -> int:
+    """The operator's queue commands, through the same Spool API the gateway uses."""
+    from .clock import SystemClock
+    from .spool.sqlite import SQLiteSpool
+    from .trace import EventKind, Recorder
+    from .trace import query
+
+    spool = SQLiteSpool(cfg.server.data_dir)
+    trace = Recorder(SystemClock(), spool)
+    who = getpass.getuser()
+    try:
+        if args.action == "list":
+            entries = await spool.list(limit=args.limit)
+            if args.json:
+                print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+                return 0
+            now = time.time()
+            for e in entries:
+                print(f"{e.queue_id}  {e.size:>8}  {_fmt_ts(e.received_at)}  {e.pool:<10} <{e.mail_from}>")
+                for addr, state, reply, attempts, next_at in e.recipients:
+                    if state not in ("queued", "deferred"):
+                        continue
+                    due = "now" if next_at <= now else f"in {_ago(next_at - now)}"
+                    print(f"      {addr}  {state} after {attempts} attempt(s), next {due}"
+                          + (f"\n        ({reply})" if reply else ""))
+            print(f"-- {len(entries)} message(s) in queue (spool {cfg.server.data_dir})")
             return 0
-        for qid, ts, sender, pool, size in rows:
-            print(f"{qid}  {size:>8}  {_fmt_ts(ts)}  {pool:<10} <{sender}>")
-            for addr, state, attempts, reply in con.execute(
-                    "SELECT address, state, attempts, last_reply FROM recipients WHERE queue_id=? AND state IN"
-                    " ('queued','deferred') ORDER BY idx", (qid,)):
-                print(f"      {addr}  {state} after {attempts} attempt(s){'  (' + reply + ')' if reply else ''}")
-        print(f"-- {len(rows)} message(s) in queue (spool {cfg.server.data_dir})")
-        return 0
-    if args.action == "show":
-        if not args.queue_id:
-            print("poolmta queue show: give a queue id", file=sys.stderr)
-            return 2
-        row = query.message_row(con, args.queue_id)
-        if row is None:
-            print(f"poolmta: no message {args.queue_id}", file=sys.stderr)
-            return 1
-        print(json.dumps(row, indent=2))
-        return 0
-    if args.action == "retry":
-        now = time.time()
-        if args.all:
-            n = con.execute("UPDATE recipients SET next_attempt=? WHERE state IN ('queued','deferred')", (now,)).rowcount
-            _event(con, "*", "retry-requested", by=getpass.getuser(), scope="all")
-        elif args.queue_id:
-            n = con.execute("UPDATE recipients SET next_attempt=? WHERE queue_id=? AND state IN ('queued','deferred')",
-                            (now, args.queue_id)).rowcount
-            _event(con, args.queue_id, "retry-requested", by=getpass.getuser())
-        else:
-            print("poolmta queue retry: give a queue id or --all", file=sys.stderr)
-            return 2
-        print(f"{n} recipient(s) scheduled for immediate retry")
-        return 0
-    if args.action == "delete":
-        if not args.queue_id:
-            print("poolmta queue delete: give a queue id", file=sys.stderr)
-            return 2
-        con.execute("BEGIN IMMEDIATE")
-        n = con.execute("UPDATE recipients SET state='deleted' WHERE queue_id=? AND state IN ('queued','deferred')",
-                        (args.queue_id,)).rowcount
-        con.execute("UPDATE messages SET pending=0 WHERE queue_id=?", (args.queue_id,))
-        con.execute("DELETE FROM bodies WHERE queue_id=?", (args.queue_id,))
-        _event(con, args.queue_id, "deleted", by=getpass.getuser(), recipients=n)
-        con.execute("COMMIT")
-        print(f"deleted {args.queue_id}: {n} pending recipient(s) dropped" if n else f"poolmta: nothing pending for {args.queue_id}")
-        return 0 if n else 1
-    return 2
+        if args.action == "show":
+            con = query.open_readonly(cfg.server.data_dir)
+            row = query.message_row(con, args.queue_id)
+            con.close()
+            if row is None:
+                print(f"poolmta: no message {args.queue_id} (spool {cfg.server.data_dir})", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps(row, indent=2))
+                return 0
+            d = row["decision"]
+            print(f"queue id:   {row['queue_id']}\nreceived:   {_fmt_ts(row['received_at'])}\n"
+                  f"from:       <{row['mail_from']}>\nmessage-id: {row['message_id'] or '-'}\n"
+                  f"size:       {row['size']}\npool:       {row['pool']} ({d['role']}), reasons: "
+                  f"{', '.join(d['reasons'])}")
+            for r in row["recipients"]:
+                print(f"  {r['address']}: {r['state']}, {r['attempts']} attempt(s)"
+                      + (f", last: {r['last_reply']}" if r["last_reply"] else "")
+                      + (f" [{r['remote_mta']}]" if r["remote_mta"] else ""))
+            return 0
+        if args.action == "retry":
+            n = await spool.retry(None if args.all else args.queue_id, time.time())
+            trace.record("*" if args.all else args.queue_id, EventKind.RETRY_REQUESTED, by=who, recipients=n)
+            print(f"{n} recipient(s) scheduled for immediate retry")
+            return 0
+        if args.action == "delete":
+            n = await spool.delete(args.queue_id)
+            if not n:
+                print(f"poolmta: nothing pending for {args.queue_id} (spool {cfg.server.data_dir})", file=sys.stderr)
+                return 1
+            trace.record(args.queue_id, EventKind.DELETED, by=who, recipients=n)
+            print(f"deleted {args.queue_id}: {n} pending recipient(s) dropped, no DSN sent")
+            return 0
+        return 2
+    finally:
+        await spool.close()
+
+
+def _ago(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # ---- argument parsing ----------------------------------------------------------
@@ -402,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("action", choices=["list", "show", "retry", "delete"])
     q.add_argument("queue_id", nargs="?")
     q.add_argument("--all", action="store_true", help="with retry: every deferred message")
+    q.add_argument("--limit", type=int, default=1000, help="with list: at most this many messages")
     q.add_argument("--json", action="store_true")
     q.add_argument("--config")
     q.set_defaults(fn=cmd_queue)
@@ -409,7 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills optional positionals greedily: in `queue show --config F ID` the
+    # id comes after an option. Take one such trailing id; refuse anything else.
+    if extra and len(extra) == 1 and not extra[0].startswith("-") and getattr(args, "queue_id", "x") is None:
+        args.queue_id, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args) or 0
     except BrokenPipeError:                   # `poolmta trace … | head`

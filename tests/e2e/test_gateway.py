@@ -146,8 +146,12 @@ def test_operator_commands_on_a_live_queue(world):
 
     p = poolmta("queue", "list", "--config", cfg)
     assert p.returncode == 0 and qid in p.stdout and "held1@held.test" in p.stdout and "deferred" in p.stdout
-    shown = json.loads(poolmta("queue", "show", qid, "--config", cfg).stdout)
+    shown = json.loads(poolmta("queue", "show", qid, "--config", cfg, "--json").stdout)
     assert shown["pool"] == "normal" and shown["recipients"][0]["state"] == "deferred"
+    human = poolmta("queue", "show", "--config", cfg, qid)          # options before the id work too
+    assert human.returncode == 0, human.stderr
+    assert f"queue id:   {qid}" in human.stdout and "held1@held.test: deferred" in human.stdout
+    assert "next in" in p.stdout or "next now" in p.stdout
 
     t = poolmta("trace", qid, "--config", cfg)
     assert t.returncode == 0

@@ -37,3 +37,15 @@ def test_without_families_plain_round_robin():
     s = scheduler()
     assert s._peek_source(POOL) == A4
     assert [s._pick_source(POOL) for _ in range(3)] == [A4, B6, C4]
+
+
+async def test_the_deferral_names_a_dns_failure_of_the_missing_family():
+    from poolmta.deliver import mx
+    from poolmta.deliver.scheduler import _family_mismatch
+    from poolmta.dns import Rcode, StaticResolver
+    r = StaticResolver({("v6.example", "MX"): ((10, "mx.v6.example"),), ("mx.v6.example", "AAAA"): ("2001:db8::1",),
+                        ("mx.v6.example", "A"): Rcode.TEMPERROR})
+    v4_only = Pool("normal", Role.NORMAL, (A4, C4))
+    text = _family_mismatch("v6.example", await mx.lookup("v6.example", r, 5, prefer=4), v4_only)
+    assert text.startswith("the MX hosts of v6.example have IPv6 addresses only (mx.v6.example[2001:db8::1])")
+    assert "mx.v6.example A: temporary failure" in text and text.endswith("pool 'normal' has IPv4 sources only")

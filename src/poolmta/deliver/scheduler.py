@@ -113,7 +113,8 @@ def _family_mismatch(domain: str, answer: mx.MxAnswer, pool: Pool) -> str:
         what = f"{domain} (no MX record, so the domain itself) has {theirs} addresses only"
     else:
         what = f"the MX hosts of {domain} have {theirs} addresses only"
-    return (f"{what} ({answer.describe_targets()}); "
+    dns_note = f" (DNS: {answer.detail})" if answer.detail else ""     # e.g. the A query failed for now
+    return (f"{what} ({answer.describe_targets()}){dns_note}; "
             f"pool {pool.name!r} has {_family_names({_family(s) for s in pool.sources})} sources only")
 
 

@@ -9,19 +9,11 @@ from poolmta.assess import Context, assess, dsn, forwarded, source_domain, spam
 from poolmta.dns import Rcode, StaticResolver
 from poolmta.model import DomainState, Envelope, Message, Origin, Recipient
 from poolmta.tenancy import Directory
+from tests.support.configs import POOLS
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "corpus"
 
-CFG = config.loads("""
-[pools.n]
-role = "normal"
-sources = [{ address = "127.0.0.2", ehlo = "out1.example.net" }]
-[pools.h]
-role = "high-risk"
-sources = [{ address = "127.0.0.3", ehlo = "hr1.example.net" }]
-[pools.r]
-role = "relay"
-sources = [{ address = "127.0.0.4", ehlo = "rly1.example.net" }]
+CFG = config.loads(POOLS + """
 [tenants.contoso]
 accepted_domains = ["contoso.test", "fabrikam.test"]
 """)

@@ -6,6 +6,7 @@ import pytest
 
 from poolmta import config
 from poolmta.model import Role
+from tests.support.configs import POOLS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,17 +34,7 @@ def test_example_config_is_valid():
     assert not (addrs[Role.NORMAL] & addrs[Role.RELAY])
 
 
-BASE = """
-[pools.n]
-role = "normal"
-sources = [{ address = "127.0.0.2", ehlo = "out1.example.net" }]
-[pools.h]
-role = "high-risk"
-sources = [{ address = "127.0.0.3", ehlo = "hr1.example.net" }]
-[pools.r]
-role = "relay"
-sources = [{ address = "127.0.0.4", ehlo = "rly1.example.net" }]
-"""
+BASE = POOLS
 
 
 @pytest.mark.parametrize("extra,key,needle", [

@@ -40,7 +40,8 @@ class Gateway:
         self.directory = Directory(cfg)
         self.spool = SQLiteSpool(cfg.server.data_dir)
         self.trace = Recorder(self.clock, self.spool)
-        self.pipeline = Pipeline(Context(self.resolver, self.directory), Policy(cfg.pool_for_role()), self.spool,
+        self.pipeline = Pipeline(Context(self.resolver, self.directory, cfg.auth, cfg.server.hostname),
+                                 Policy(cfg.pool_for_role()), self.spool,
                                  self.trace, self.clock, cfg.server.hostname)
         self.scheduler = Scheduler(spool=self.spool, pipeline=self.pipeline, resolver=self.resolver,
                                    pools=cfg.pool_objects(), cfg=cfg.delivery, trace=self.trace, clock=self.clock,

@@ -105,7 +105,7 @@ def cmd_config(args) -> int:
         return 1 if errors else 0
     if args.action == "params":
         for section, key, default, doc in config.documented_fields():
-            if section == "" and key in ("server", "dns", "delivery", "pools", "tenants"):
+            if section == "":
                 print(f"\n# [{key}{'.NAME' if key in ('pools', 'tenants') else ''}]  {doc}")
                 continue
             section = (section.replace("pools", "pools.NAME", 1).replace("tenants", "tenants.NAME", 1)
@@ -214,7 +214,8 @@ async def _route(cfg, args) -> dict:
                     connector=connector, trusted_connector=trusted, kind="cli")
     env = Envelope(mail_from, tuple(Recipient(r) for r in args.rcpt))
     msg = Message("ROUTE", env, origin, content, clock.now())
-    pipe = Pipeline(Context(resolver, directory), Policy(cfg.pool_for_role()), None, None, clock, cfg.server.hostname)
+    pipe = Pipeline(Context(resolver, directory, cfg.auth, cfg.server.hostname), Policy(cfg.pool_for_role()), None, None,
+                    clock, cfg.server.hostname)
     facts, decision = await pipe.decide(msg)
     return {"decision": decision.to_dict(), "facts": facts.to_dict(), "origin": asdict(origin)}
 

@@ -209,6 +209,46 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    authserv_id: str = field(default="", metadata=_doc(
+        "authserv-id of the Authentication-Results headers we stamp (RFC 8601); empty = server.hostname."))
+    spf_timeout: float = field(default=20.0, metadata=_doc(
+        "Most seconds one SPF evaluation may take (RFC 7208 §4.6.4 suggests 20).", parse=parse_duration))
+
+
+@dataclass(frozen=True)
+class SrsConfig:
+    domain: str = field(default="", metadata=_doc(
+        "Domain of rewritten envelope senders (SRS0=…@domain); must be an accepted domain whose MX is this"
+        " gateway, so bounces come back; empty = SRS off (authenticated forwarding keeps the original sender).",
+        parse=_domain))
+    secrets: tuple[str, ...] = field(default=(), metadata=_doc(
+        "HMAC secrets: the first signs, all verify (add the new one first to rotate)."))
+    format: str = field(default="srs", metadata=_doc(
+        "\"srs\": libsrs2/postsrsd SRS0/SRS1; \"m365\": Exchange Online's local+SRS=HHHH=TT=domain=local@forwarding-domain."))
+    max_age: float = field(default=21 * 86400.0, metadata=_doc(
+        "How long a rewritten address stays valid for bounces (days).", parse=parse_duration))
+    hash_length: int = field(default=4, metadata=_doc("Characters of the HMAC kept in the address."))
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    key_dir: str = field(default="", metadata=_doc(
+        "Directory of signing keys, DOMAIN/SELECTOR.key plus DOMAIN/active (the selector in use);"
+        " empty = DATA_DIR/dkim. `poolmta dkim keygen` and `dkim rotate` manage it."))
+    sign: bool = field(default=True, metadata=_doc(
+        "Sign outbound mail whose From: domain is an accepted domain with a key."))
+    headers: tuple[str, ...] = field(default=(
+        "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to", "references",
+        "mime-version", "content-type", "content-transfer-encoding", "list-unsubscribe"), metadata=_doc(
+        "Header fields to sign (From is always signed)."))
+    algorithm: str = field(default="rsa-sha256", metadata=_doc(
+        "Default algorithm of `dkim keygen`: \"rsa-sha256\" (2048-bit) or \"ed25519-sha256\"."))
+    arc: bool = field(default=True, metadata=_doc(
+        "Add an ARC set (RFC 8617) to forwarded mail we let through, with the key of the forwarding domain."))
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     address: str = field(default="", metadata=_doc("Local IP address to bind for outbound connections.", parse=_ip))
     ehlo: str = field(default="", metadata=_doc("EHLO name: the name the address's PTR record carries.", parse=_hostname))
@@ -236,6 +276,13 @@ class ConnectorConfig:
         "Addresses or CIDRs allowed to relay for the tenant.", parse=_network))
     trusted: bool = field(default=False, metadata=_doc(
         "Believe spam verdict headers (X-Spam-Flag) this connector adds."))
+    skip_ips: tuple[str, ...] = field(default=(), metadata=_doc(
+        "Skip listing (Enhanced Filtering for Connectors): hops in the Received chain from these addresses/CIDRs"
+        " are ours or the tenant's, not the original sender; SPF is checked against the first hop not skipped.",
+        parse=_network))
+    skip_last_hop: bool = field(default=False, metadata=_doc(
+        "Skip listing: the connector itself is a relay in front of us (e.g. a third-party filter): evaluate SPF"
+        " against the hop before it."))
 
 
 @dataclass(frozen=True)
@@ -248,6 +295,9 @@ class TenantConfig:
         "Servers that relay for the tenant by client IP: [{ name, client_ips, trusted }]."))
     forward: dict[str, tuple[str, ...]] = field(default_factory=dict, metadata=_doc(
         "Forwarding: address in an accepted domain → external addresses it forwards to.", parse=_address))
+    auto_forwarding: str = field(default="on", metadata=_doc(
+        "\"on\": forwarding addresses forward to external targets; \"off\": they do not, and an external sender"
+        " gets a DSN 550 5.7.520 (Exchange Online's automatic forwarding control)."))
 
 
 @dataclass(frozen=True)
@@ -255,6 +305,9 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig, metadata=_doc("SMTP listener."))
     dns: DnsConfig = field(default_factory=DnsConfig, metadata=_doc("DNS resolver."))
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig, metadata=_doc("Outbound delivery."))
+    auth: AuthConfig = field(default_factory=AuthConfig, metadata=_doc("Inbound authentication (SPF, DKIM)."))
+    srs: SrsConfig = field(default_factory=SrsConfig, metadata=_doc("Sender Rewriting Scheme for forwarded mail."))
+    dkim: DkimConfig = field(default_factory=DkimConfig, metadata=_doc("DKIM signing and ARC sealing."))
     pools: dict[str, PoolConfig] = field(default_factory=dict, metadata=_doc("Delivery pools by name."))
     tenants: dict[str, TenantConfig] = field(default_factory=dict, metadata=_doc("Tenants by name."))
     source_file: str = field(default="", metadata=_doc("Internal: the file this was loaded from.", internal=True))
@@ -484,6 +537,20 @@ def check(cfg: Config) -> list[Problem]:
     if d.starttls not in ("opportunistic", "never"):
         out.append(Problem("delivery.starttls", f"must be \"opportunistic\" or \"never\", not {d.starttls!r}"))
 
+    sr = cfg.srs
+    if sr.format not in ("srs", "m365"):
+        out.append(Problem("srs.format", f"must be \"srs\" or \"m365\", not {sr.format!r}"))
+    if sr.domain and not sr.secrets:
+        out.append(Problem("srs.secrets", "srs.domain is set but srs.secrets is empty: SRS needs a secret to sign with"))
+    if any(len(x) < 16 for x in sr.secrets):
+        out.append(Problem("srs.secrets", "a secret shorter than 16 characters can be guessed", severity="warning"))
+    if sr.domain and not any(sr.domain in t.accepted_domains for t in cfg.tenants.values()):
+        out.append(Problem("srs.domain", f"{sr.domain} is not an accepted domain: bounces to SRS addresses would be"
+                                         " refused as relaying", severity="warning"))
+    if not 1 <= sr.hash_length <= 27:
+        out.append(Problem("srs.hash_length", "must be 1..27"))
+    if cfg.dkim.algorithm not in ("rsa-sha256", "ed25519-sha256"):
+        out.append(Problem("dkim.algorithm", f"must be \"rsa-sha256\" or \"ed25519-sha256\", not {cfg.dkim.algorithm!r}"))
     roles = [r.value for r in Role]
     seen_addr: dict[str, str] = {}
     for name, p in cfg.pools.items():
@@ -525,6 +592,8 @@ def check(cfg: Config) -> list[Problem]:
                                    f"{dom} is also an accepted domain of tenant {domains[dom]!r}"))
             if not domains.get(dom):
                 domains[dom] = tname
+        if t.auto_forwarding not in ("on", "off"):
+            out.append(Problem(f"tenants.{tname}.auto_forwarding", f"must be \"on\" or \"off\", not {t.auto_forwarding!r}"))
         for i, u in enumerate(t.users):
             key = f"tenants.{tname}.users[{i}]"
             if not u.name:

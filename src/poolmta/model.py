@@ -123,11 +123,42 @@ class ForwardFact:
 
 
 @dataclass(frozen=True)
+class DkimResult:
+    domain: str                       # d=
+    selector: str                     # s=
+    result: str                       # "pass" | "fail" | "neutral" | "temperror" | "permerror" | "policy"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class InboundAuthFact:
+    """How the original sender authenticated when the message came in to us.
+
+    ``original_ip`` is the client IP SPF was evaluated against: the connecting
+    client, or, behind a connector with skip listing, the first hop of the
+    Received chain that is not skipped.
+    """
+    evaluated: bool = False           # False: not applicable (e.g. AUTH submission), nothing was checked
+    original_ip: str = ""
+    spf: str = "none"                 # RFC 7208 result: pass fail softfail neutral none temperror permerror
+    spf_identity: str = ""            # "mailfrom" | "helo"
+    spf_domain: str = ""
+    dkim: tuple[DkimResult, ...] = ()
+    dkim_aligned_pass: bool = False   # a valid signature whose d= is the sender's domain or its org domain
+    authres: str = ""                 # the Authentication-Results header value we stamp
+
+    @property
+    def sender_authenticated(self) -> bool:
+        return self.spf == "pass" or self.dkim_aligned_pass
+
+
+@dataclass(frozen=True)
 class Facts:
     dsn: DsnFact
     source_domain: SourceDomainFact
     spam: SpamFact
     forwarded: ForwardFact
+    inbound_auth: InboundAuthFact = InboundAuthFact()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,10 +172,11 @@ class Decision:
     pool: str                         # the configured pool that plays it
     reasons: tuple[str, ...]          # every matching reason code, deciding one first
     recheck: tuple[str, ...] = ()     # facts that were not known and must be re-checked before delivery
+    srs: bool = False                 # rewrite the envelope sender with SRS (authenticated forwarding)
 
     def to_dict(self) -> dict:
         return {"role": str(self.role), "pool": self.pool,
-                "reasons": list(self.reasons), "recheck": list(self.recheck)}
+                "reasons": list(self.reasons), "recheck": list(self.recheck), "srs": self.srs}
 
 
 # ---- delivery status (deliver → dsn) --------------------------------------

@@ -29,6 +29,8 @@ class ConnectorMatch:
     tenant: str
     name: str
     trusted: bool
+    skip_ips: tuple[str, ...] = ()    # skip listing: Received hops from these networks are not the original sender
+    skip_last_hop: bool = False
 
 
 class Directory:
@@ -67,7 +69,7 @@ class Directory:
             addr = addr.ipv4_mapped
         for net, tenant, c in self.connectors:
             if addr.version == net.version and addr in net:
-                return ConnectorMatch(tenant, c.name or str(net), c.trusted)
+                return ConnectorMatch(tenant, c.name or str(net), c.trusted, tuple(c.skip_ips), c.skip_last_hop)
         return None
 
     def forward_targets(self, address: str) -> tuple[str, tuple[str, ...]] | None:

@@ -2,17 +2,20 @@
 
 import pytest
 
-from poolmta.model import DomainState, DsnFact, Facts, ForwardFact, Role, SourceDomainFact, SpamFact
+from poolmta.model import DomainState, DsnFact, Facts, ForwardFact, InboundAuthFact, Role, SourceDomainFact, \
+    SpamFact
 from poolmta.route import Policy, route
 from poolmta.route.reasons import Reason
 from poolmta.route.rules import RULES, table
 
 
-def facts(dsn=False, sd=DomainState.RESOLVES, spam=False, fwd=False):
+def facts(dsn=False, sd=DomainState.RESOLVES, spam=False, fwd=False, spf="none", dkim=False):
     return Facts(dsn=DsnFact(dsn, "null-reverse-path" if dsn else ""),
                  source_domain=SourceDomainFact("example.org", sd),
                  spam=SpamFact(spam, "gtube" if spam else "builtin"),
-                 forwarded=ForwardFact(fwd, "example.org", "t", 1 if fwd else 0))
+                 forwarded=ForwardFact(fwd, "example.org", "t", 1 if fwd else 0),
+                 inbound_auth=InboundAuthFact(True, "192.0.2.1", spf, "mailfrom", "example.org",
+                                              dkim_aligned_pass=dkim))
 
 
 CASES = [
@@ -36,6 +39,14 @@ CASES = [
     ("temperror on high-risk needs no recheck", facts(sd=DomainState.TEMPERROR, spam=True), "high-risk",
      ["spam", "source-domain-temperror"], []),
     ("null sender n/a", facts(dsn=True, sd=DomainState.NOT_APPLICABLE), "high-risk", ["dsn"], []),
+    # the seed's relay-pool rule: forwarded mail whose sender authenticated stays normal (with SRS)
+    ("forwarded spf pass", facts(fwd=True, spf="pass"), "normal", ["forward-authenticated"], []),
+    ("forwarded dkim pass", facts(fwd=True, dkim=True), "normal", ["forward-authenticated"], []),
+    ("forwarded spf softfail", facts(fwd=True, spf="softfail"), "relay", ["relay-unauthenticated"], []),
+    ("forwarded spf temperror", facts(fwd=True, spf="temperror"), "relay", ["relay-unauthenticated"], []),
+    ("own sender spf pass", facts(spf="pass"), "normal", ["normal"], []),
+    ("spam beats authenticated forward", facts(fwd=True, spf="pass", spam=True), "high-risk",
+     ["spam", "forward-authenticated"], []),
 ]
 
 
@@ -62,3 +73,14 @@ def test_every_reason_is_documented_and_rules_use_closed_set():
     rows = table()
     assert rows[0][1] == "dsn" and rows[-1][1] == "normal"
     assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
+
+
+@pytest.mark.parametrize("f,srs", [
+    (facts(fwd=True, spf="pass"), True),
+    (facts(fwd=True, dkim=True, spam=True), True),       # high-risk, but still authenticated forwarding
+    (facts(fwd=True), False),                            # relay pool: never rewritten
+    (facts(), False),                                    # own sender: no rewrite
+    (facts(dsn=True, spf="pass"), False),
+])
+def test_srs_only_for_authenticated_forwarding(f, srs):
+    assert route(f, Policy()).srs is srs

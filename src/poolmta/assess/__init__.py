@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from ..config import AuthConfig
 from ..dns import Resolver
 from ..model import Facts, Message
 from ..tenancy import Directory
@@ -22,6 +23,8 @@ from . import dsn, forwarded, source_domain, spam
 class Context:
     resolver: Resolver
     directory: Directory
+    auth: AuthConfig = AuthConfig()
+    hostname: str = "poolmta.localhost"     # our host: the authserv-id when auth.authserv_id is empty
 
 
 async def assess(msg: Message, ctx: Context) -> Facts:

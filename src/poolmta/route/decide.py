@@ -37,4 +37,7 @@ def route(facts: Facts, policy: Policy) -> Decision:
             if note.code == Reason.SOURCE_DOMAIN_TEMPERROR and decider.role != Role.HIGH_RISK:
                 recheck.append("source-domain")
     role = decider.role
-    return Decision(role=role, pool=policy.pools[role], reasons=tuple(reasons), recheck=tuple(recheck))
+    # Authenticated forwarding keeps SRS even when a risk rule picked high-risk;
+    # relay-pool mail is never rewritten (the seed), and a null sender cannot be.
+    srs = role != Role.RELAY and any(r.srs for r in matched)
+    return Decision(role=role, pool=policy.pools[role], reasons=tuple(reasons), recheck=tuple(recheck), srs=srs)

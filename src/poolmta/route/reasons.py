@@ -31,5 +31,8 @@ class Reason(StrEnum):
             "A spam engine (or a trusted upstream verdict) judged the message spam.")
     RELAY_UNAUTHENTICATED = ("relay-unauthenticated",
                              "Forwarded or relayed mail whose envelope sender is not in an accepted domain of the relaying tenant.")
+    FORWARD_AUTHENTICATED = ("forward-authenticated",
+                             "Forwarded or relayed mail whose original sender passed SPF or aligned DKIM when it came in:"
+                             " normal pool, envelope sender rewritten with SRS.")
     NORMAL = ("normal",
               "No risk rule matched: mail of the tenant's own domains.")

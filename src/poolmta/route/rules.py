@@ -25,6 +25,7 @@ class Rule:
     predicate: Callable[[Facts], bool]
     role: Role
     summary: str
+    srs: bool = False          # a message this rule matches has its envelope sender rewritten with SRS
 
 
 RULES: tuple[Rule, ...] = (
@@ -36,8 +37,13 @@ RULES: tuple[Rule, ...] = (
          "envelope sender's domain publishes a null MX (RFC 7505)"),
     Rule(Reason.SPAM, lambda f: f.spam.is_spam, Role.HIGH_RISK,
          "spam verdict"),
-    Rule(Reason.RELAY_UNAUTHENTICATED, lambda f: f.forwarded.forwarded, Role.RELAY,
-         "forwarded/relayed to an external recipient; sender not in an accepted domain of the tenant"),
+    Rule(Reason.FORWARD_AUTHENTICATED,
+         lambda f: f.forwarded.forwarded and f.inbound_auth.sender_authenticated, Role.NORMAL,
+         "forwarded/relayed, and the original sender passed SPF or aligned DKIM when it came in: SRS", srs=True),
+    Rule(Reason.RELAY_UNAUTHENTICATED,
+         lambda f: f.forwarded.forwarded and not f.inbound_auth.sender_authenticated, Role.RELAY,
+         "forwarded/relayed to an external recipient; sender not in an accepted domain of the tenant,"
+         " neither SPF nor aligned DKIM passed"),
 )
 
 # Recorded when it holds, but never decides a pool: the fact is re-checked before delivery.

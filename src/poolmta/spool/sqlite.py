@@ -191,7 +191,7 @@ def _envelope_from(s: str) -> Envelope:
 
 def _decision_from(s: str) -> Decision:
     d = json.loads(s)
-    return Decision(Role(d["role"]), d["pool"], tuple(d["reasons"]), tuple(d.get("recheck", ())))
+    return Decision(Role(d["role"]), d["pool"], tuple(d["reasons"]), tuple(d.get("recheck", ())), d.get("srs", False))
 
 
 def _message_id(content: bytes) -> str:

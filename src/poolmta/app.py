@@ -47,6 +47,7 @@ class Gateway:
                                    pools=cfg.pool_objects(), cfg=cfg.delivery, trace=self.trace, clock=self.clock,
                                    hostname=cfg.server.hostname, connector=connector)
         self.pipeline.on_queued = self.scheduler.wake
+        self.pipeline.on_refused = self.scheduler.sweep_dsns_soon
         self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock)
 
     async def start(self) -> None:

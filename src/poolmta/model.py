@@ -47,6 +47,7 @@ class Recipient:
     notify: tuple[str, ...] = ()      # () = not given; ("NEVER",) or subset of SUCCESS/FAILURE/DELAY
     orcpt: str = ""                   # "rfc822;user@example.org", xtext-decoded
     original: str = ""                # the address the client gave, when forwarding expanded it
+    refused: str = ""                 # accepted at RCPT but final at once ("550 5.7.520 …"): reported by DSN only
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from .trace import EventKind, Recorder
 
 class Pipeline:
     def __init__(self, ctx: Context, policy: Policy, spool: Spool, trace: Recorder, clock: Clock, hostname: str,
-                 on_queued=None):
+                 on_queued=None, on_refused=None):
         self.ctx, self.policy, self.spool, self.trace = ctx, policy, spool, trace
         self.clock, self.hostname = clock, hostname
-        self.on_queued = on_queued or (lambda: None)
+        self.on_queued = on_queued or (lambda: None)        # new work for deliver
+        self.on_refused = on_refused or (lambda: None)      # recipients final at accept: a DSN to make
 
     async def decide(self, msg: Message) -> tuple[Facts, Decision]:
         """Assess and route without queueing (`poolmta route` uses this too)."""
@@ -45,7 +46,12 @@ class Pipeline:
         msg = dataclasses.replace(msg, content=prepend_received(msg, self.hostname))
         await self.spool.accept(msg, facts, decision)
         self.trace.record(msg.queue_id, EventKind.QUEUED, pool=decision.pool)
+        refused = [r for r in env.recipients if r.refused]
+        for r in refused:
+            self.trace.record(msg.queue_id, EventKind.BOUNCED, rcpt=r.address, reply=r.refused, at="accept")
         self.on_queued()
+        if refused:
+            self.on_refused()
         return decision
 
     async def reassess(self, msg: Message, facts: dict, decision: Decision) -> tuple[Decision, bool]:

@@ -81,6 +81,9 @@ R550_571_ADDRESS_LITERAL = Reply(550, "5.7.1", "Address literals are not accepte
 R554_546_TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (Received headers): probable mail loop")
 R554_546_FORWARD_LOOP = Reply(554, "5.4.6", "Mail forwarding loop: this message was already forwarded for this address")
 
+R550_57520_FORWARDING_DISABLED = Reply(550, "5.7.520", "Access denied, Your organization does not allow external forwarding")
+R550_511_BAD_SRS = Reply(550, "5.1.1", "Recipient address rejected: not a valid SRS address of ours")
+
 # Delivery outcomes that poolmta itself produces (they appear in DSNs).
 R550_5110_NULL_MX = Reply(550, "5.1.10", "Recipient domain publishes a null MX and accepts no mail")
 R550_512_NO_SUCH_DOMAIN = Reply(550, "5.1.2", "Recipient domain does not exist in DNS")

@@ -51,6 +51,8 @@ class Directory:
                     self.connectors.append((ipaddress.ip_network(net), tname, c))
         # Most specific network first, so a /32 connector wins over a /8 one.
         self.connectors.sort(key=lambda x: -x[0].prefixlen)
+        self.forwarding_off: frozenset[str] = frozenset(
+            tname for tname, t in cfg.tenants.items() if t.auto_forwarding == "off")
         self.accepted_by_tenant: dict[str, frozenset[str]] = {
             tname: frozenset(d.lower() for d in t.accepted_domains) for tname, t in cfg.tenants.items()}
 
@@ -59,6 +61,10 @@ class Directory:
 
     def is_accepted(self, tenant: str, domain: str) -> bool:
         return domain.rstrip(".").lower() in self.accepted_by_tenant.get(tenant, frozenset())
+
+    def auto_forwarding(self, tenant: str) -> bool:
+        """May the tenant's forwarding addresses forward to external targets?"""
+        return tenant not in self.forwarding_off
 
     def connector_for(self, ip: str) -> ConnectorMatch | None:
         try:

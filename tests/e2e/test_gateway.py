@@ -210,3 +210,17 @@ def test_kill_9_during_a_burst_of_accepts_loses_no_acknowledged_message(world):
     assert 10 <= len(acked) < 160            # killed mid-burst
     world.start_gateway()
     world.dest.wait_for(lambda ms: set(acked) <= {r for m in ms for r in m.rcpt_tos}, timeout=60)
+
+
+def test_auto_forwarding_off_tells_the_external_sender(world):
+    """Exchange Online's automatic forwarding control: not forwarded, and the
+    external sender gets a DSN 550 5.7.520 from the high-risk pool."""
+    qid = world.send(simple("please forward", sender="someone@external.test"), "someone@external.test",
+                     ["sales@northwind.test"], client_ip="127.0.0.50")
+    world.dest.wait_for(lambda ms: world.dest.to("someone@external.test"))
+    dsn = world.dest.to("someone@external.test")[0]
+    assert (dsn.peer, dsn.mail_from) == (HIGH_RISK, "")
+    assert b"5.7.520" in dsn.content and b"does not allow external forwarding" in dsn.content
+    s = wait_summary(world, qid, lambda s: s.get("dsn-created") == 1)
+    assert s.get("attempt", 0) == 0 and s["bounced"] == 1
+    assert not world.dest.to("nw-sales@partner.test")

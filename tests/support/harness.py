@@ -92,6 +92,13 @@ connectors = [{{ name = "onprem", client_ips = ["127.0.0.10/32"], trusted = true
 
 [tenants.contoso.forward]
 "info@contoso.test" = ["contoso-info@partner.test"]
+
+[tenants.northwind]
+accepted_domains = ["northwind.test"]
+auto_forwarding = "off"
+
+[tenants.northwind.forward]
+"sales@northwind.test" = ["nw-sales@partner.test"]
 """
 
 

@@ -155,6 +155,11 @@ class Scheduler:
         """Look for due work now (cheap, synchronous: called after each accept)."""
         self._wakeup.set()
 
+    def sweep_dsns_soon(self) -> None:
+        """Recipients became final outside a delivery (refused at accept): make their DSNs now."""
+        self._dsn_sweep_at = 0.0
+        self._wakeup.set()
+
     async def stop(self, grace: float = 10.0) -> None:
         """Stop looking for work; let transactions in flight finish for ``grace``
         seconds, then cancel the rest (their recipients stay due: nothing is lost).

@@ -72,7 +72,9 @@ from ..replies import (
     R500_LINE_TOO_LONG,
     R501_BAD_ADDRESS,
     R501_SYNTAX_PARAM,
+    R550_511_BAD_SRS,
     R550_511_UNKNOWN_USER,
+    R550_57520_FORWARDING_DISABLED,
     R550_571_ADDRESS_LITERAL,
     R550_571_RELAY_DENIED,
     R552_534_TOO_BIG,
@@ -504,7 +506,8 @@ def check_mail(params: MailParams, *, max_size: int) -> Refuse | None:
 
 
 def check_recipient(address: str, facts: SessionFacts, directory, *,
-                    notify: tuple[str, ...] = (), orcpt: str = "") -> Accept | Refuse:
+                    notify: tuple[str, ...] = (), orcpt: str = "", mail_from: str = "",
+                    srs=None) -> Accept | Refuse:
     """Relay control for one forward-path (see the module docstring)."""
     try:
         mbox = parse_path(address, null_ok=False)
@@ -514,20 +517,43 @@ def check_recipient(address: str, facts: SessionFacts, directory, *,
     if mbox.literal:
         return Refuse(R550_571_ADDRESS_LITERAL)
     given = mbox.address
+    local_tenant = directory.tenant_of_domain(mbox.domain)
+    if srs is not None and local_tenant and srs.is_srs(given):
+        return _srs_bounce(given, local_tenant, srs, orcpt)
     fwd = directory.forward_targets(given)
     expanded: tuple[Recipient, ...] = ()
     if fwd:
-        _, targets = fwd
-        # RFC 3461 §4.2: keep the address the client gave as ORCPT when it gave none.
-        expanded = tuple(Recipient(t, notify, orcpt or f"rfc822;{given}", original=given) for t in targets)
+        ftenant, targets = fwd
+        if not directory.auto_forwarding(ftenant):
+            # Exchange Online's automatic forwarding control: accepted, not forwarded,
+            # and an external, non-null sender is told so by DSN (5.7.520).
+            sender_domain = mail_from.rpartition("@")[2].rstrip(".").lower() if mail_from else ""
+            tell = bool(mail_from) and not directory.is_accepted(ftenant, sender_domain)
+            expanded = (Recipient(given, notify if tell else ("NEVER",), orcpt or f"rfc822;{given}", original=given,
+                                  refused=str(R550_57520_FORWARDING_DISABLED)),)
+        else:
+            # RFC 3461 §4.2: keep the address the client gave as ORCPT when it gave none.
+            expanded = tuple(Recipient(t, notify, orcpt or f"rfc822;{given}", original=given) for t in targets)
     if facts.tenant:
         return Accept(expanded or (Recipient(given, notify, orcpt),), facts.tenant, facts.via)
-    local_tenant = directory.tenant_of_domain(mbox.domain)
     if not local_tenant:
         return Refuse(R550_571_RELAY_DENIED)
     if not expanded:
         return Refuse(R550_511_UNKNOWN_USER)
     return Accept(expanded, fwd[0], "forward")
+
+
+def _srs_bounce(given: str, tenant: str, srs, orcpt: str) -> Accept | Refuse:
+    """A bounce coming back to an address we rewrote with SRS: deliver it to the
+    original sender. Only a valid, unexpired address of ours is accepted, so SRS
+    never turns into an open relay; anything else is an unknown user."""
+    from ..rewrite.srs import SRSError
+    try:
+        original = srs.reverse(given)
+    except SRSError as e:
+        return Refuse(R550_511_BAD_SRS.with_text(f"{R550_511_BAD_SRS.text} ({e})"))
+    # NOTIFY=NEVER: this is a bounce on its way back; a failure to deliver it makes no further DSN.
+    return Accept((Recipient(original, ("NEVER",), orcpt or f"rfc822;{given}", original=given),), tenant, "srs")
 
 
 def add_recipients(current: tuple[Recipient, ...], tenant: str, accept: Accept, *,

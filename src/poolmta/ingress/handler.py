@@ -45,6 +45,7 @@ from ..replies import (
     R421_SHUTDOWN,
     R451_LOCAL_ERROR,
     R451_SPOOL_ERROR,
+    R452_453_OTHER_TENANT,
     R501_SYNTAX_PARAM,
 )
 from ..spool import new_queue_id
@@ -65,8 +66,9 @@ EXTRA_EHLO_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES", "DSN")
 class IngressHandler:
     """aiosmtpd handler: policy answers for one listener (shared by its sessions)."""
 
-    def __init__(self, cfg: Config, directory: Directory, pipeline, clock):
+    def __init__(self, cfg: Config, directory: Directory, pipeline, clock, srs=None):
         self.cfg, self.directory, self.pipeline, self.clock = cfg, directory, pipeline, clock
+        self.srs = srs                      # rewrite.srs.SRS when [srs] is configured: reverses returning bounces
         self.inflight: set[asyncio.Task] = set()
         self.closing = False
 
@@ -112,16 +114,22 @@ class IngressHandler:
             return str(params)
         facts = self.facts(session)
         verdict = acceptance.check_recipient(address, facts, self.directory, notify=params.notify,
-                                             orcpt=params.orcpt)
+                                             orcpt=params.orcpt, mail_from=envelope.mail_from or "", srs=self.srs)
         if isinstance(verdict, Refuse):
             log.info("rcpt refused client=%s auth=%s rcpt=%s reply=%s", facts.client_ip, facts.auth_user or "-",
                      address, verdict)
             return str(verdict)
+        # A returning SRS bounce leaves with a null reverse-path, so it cannot share
+        # a transaction (one reverse-path) with ordinary recipients: 452, send it again.
+        srs_bounce = verdict.via == "srs"
+        if envelope.srs_bounce is not None and envelope.srs_bounce != srs_bounce:
+            return str(R452_453_OTHER_TENANT)
         added = acceptance.add_recipients(envelope.recipients, envelope.tenant, verdict,
                                           max_recipients=self.cfg.server.max_recipients)
         if isinstance(added, Refuse):
             return str(added)
         envelope.recipients, envelope.tenant = added
+        envelope.srs_bounce = srs_bounce
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return str(R250_RCPT_OK)
@@ -180,7 +188,9 @@ class IngressHandler:
     def message(self, session: "PoolSession", envelope: "PoolEnvelope", facts: SessionFacts,
                 content: bytes) -> Message:
         p = envelope.params or acceptance.MailParams()
-        env = Envelope(mail_from=envelope.mail_from or "", recipients=envelope.recipients, ret=p.ret,
+        # SRS bounces are passed on as bounces: null reverse-path (RFC 5321 §4.5.5), so they route high-risk.
+        mail_from = "" if envelope.srs_bounce else (envelope.mail_from or "")
+        env = Envelope(mail_from=mail_from, recipients=envelope.recipients, ret=p.ret,
                        envid=p.envid, smtputf8=p.smtputf8, body=p.body)
         c = facts.connector
         origin = Origin(client_ip=facts.client_ip, helo=session.host_name or "", auth_user=facts.auth_user,

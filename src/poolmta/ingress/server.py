@@ -186,6 +186,7 @@ class PoolEnvelope(AioEnvelope):
         self.params: MailParams | None = None
         self.recipients: tuple[Recipient, ...] = ()   # after forwarding expansion
         self.tenant = ""
+        self.srs_bounce: bool | None = None           # recipients are returning SRS bounces (None: no recipient yet)
 
 
 # ---- the protocol -----------------------------------------------------------------
@@ -437,9 +438,9 @@ class PoolSMTP(SMTP):
 class IngressServer:
     """The SMTP listener of one gateway: ``await start()``, ``.port``, ``await stop()``."""
 
-    def __init__(self, cfg: Config, directory: Directory, pipeline, clock):
+    def __init__(self, cfg: Config, directory: Directory, pipeline, clock, srs=None):
         self.cfg = cfg
-        self.handler = IngressHandler(cfg, directory, pipeline, clock)
+        self.handler = IngressHandler(cfg, directory, pipeline, clock, srs)
         self.host = ""
         self.port = 0
         self.sessions: set[PoolSMTP] = set()

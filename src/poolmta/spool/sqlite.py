@@ -185,7 +185,8 @@ def _envelope_json(env: Envelope) -> str:
 
 def _envelope_from(s: str) -> Envelope:
     d = json.loads(s)
-    d["recipients"] = tuple(Recipient(r["address"], tuple(r["notify"]), r["orcpt"], r["original"]) for r in d["recipients"])
+    d["recipients"] = tuple(Recipient(r["address"], tuple(r["notify"]), r["orcpt"], r["original"], r.get("refused", ""))
+                            for r in d["recipients"])
     return Envelope(**d)
 
 
@@ -239,16 +240,22 @@ class SQLiteSpool:
         mrow = (msg.queue_id, msg.received_at, env.mail_from, _envelope_json(env),
                 json.dumps(asdict(msg.origin), separators=(",", ":")), _message_id(msg.content),
                 decision.pool, json.dumps(decision.to_dict(), separators=(",", ":")),
-                json.dumps(facts.to_dict(), separators=(",", ":")), len(msg.content), len(env.recipients))
+                json.dumps(facts.to_dict(), separators=(",", ":")), len(msg.content),
+                sum(1 for r in env.recipients if not r.refused))
+        # A recipient refused at accept (e.g. forwarding disabled) is final at once:
+        # stored as bounced with its reply, and the DSN sweep reports it.
         rrows = [(msg.queue_id, i, r.address, domain_of(r.address), ",".join(r.notify), r.orcpt, r.original,
-                  RecipientState.QUEUED.value, 0, now, now) for i, r in enumerate(env.recipients)]
+                  RecipientState.BOUNCED.value if r.refused else RecipientState.QUEUED.value, 0, now,
+                  r.refused, r.refused.split(" ")[1] if r.refused.count(" ") >= 1 else "", now)
+                 for i, r in enumerate(env.recipients)]
         content = msg.content
 
         def op(con: sqlite3.Connection) -> None:
             con.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?)", mrow)
             con.execute("INSERT INTO bodies VALUES (?,?)", (msg.queue_id, content))
             con.executemany("INSERT INTO recipients(queue_id, idx, address, domain, notify, orcpt, original, state,"
-                            " attempts, next_attempt, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rrows)
+                            " attempts, next_attempt, last_reply, status, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            rrows)
         await self._write(op)
 
     async def due(self, now: float, limit: int, busy: set[tuple[str, str]]) -> list[tuple[str, str, list[int]]]:

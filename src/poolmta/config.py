@@ -229,6 +229,9 @@ class SrsConfig:
     max_age: float = field(default=21 * 86400.0, metadata=_doc(
         "How long a rewritten address stays valid for bounces (days).", parse=parse_duration))
     hash_length: int = field(default=4, metadata=_doc("Characters of the HMAC kept in the address."))
+    hash_alphabet: str = field(default="base64url", metadata=_doc(
+        "Alphabet of the hash we mint: \"base64url\" (postsrsd 2.x) or \"base64\" (libsrs2, postsrsd 1.x);"
+        " both are accepted on the way back."))
 
 
 @dataclass(frozen=True)
@@ -547,6 +550,8 @@ def check(cfg: Config) -> list[Problem]:
     if sr.domain and not any(sr.domain in t.accepted_domains for t in cfg.tenants.values()):
         out.append(Problem("srs.domain", f"{sr.domain} is not an accepted domain: bounces to SRS addresses would be"
                                          " refused as relaying", severity="warning"))
+    if sr.hash_alphabet not in ("base64url", "base64"):
+        out.append(Problem("srs.hash_alphabet", f"must be \"base64url\" or \"base64\", not {sr.hash_alphabet!r}"))
     if not 1 <= sr.hash_length <= 27:
         out.append(Problem("srs.hash_length", "must be 1..27"))
     if cfg.dkim.algorithm not in ("rsa-sha256", "ed25519-sha256"):

@@ -18,12 +18,13 @@ identical lookups share one query.
 TRUST: DNS answers are untrusted data; names are lower-cased and the
 trailing dot removed.
 
-STANDARDS: RFC 1035, RFC 2308 (negative caching), RFC 7505 (null MX).
+STANDARDS: RFC 1035, RFC 2308 (negative caching), RFC 7505 (null MX), RFC 7208 §3.3 and
+RFC 6376 §3.6.2.2 (a TXT record's character-strings are joined with nothing between them).
 
 CONFIG: dns.nameservers, dns.timeout, dns.cache_ttl_max (max_entries and
 sweep_every are constructor arguments with defaults of 10000 and 1000)
 
-SEE ALSO: assess/source_domain.py, deliver/mx.py
+SEE ALSO: assess/source_domain.py, assess/spf.py, assess/inbound_auth.py, deliver/mx.py
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Rcode(StrEnum):
 @dataclass(frozen=True)
 class Answer:
     rcode: Rcode
-    records: tuple = ()          # MX: ((pref, host), ...); A/AAAA: (ip, ...)
+    records: tuple = ()          # MX: ((pref, host), ...); A/AAAA: (ip, ...); TXT: (text, ...); PTR: (host, ...)
     detail: str = ""
 
     @property
@@ -68,6 +69,14 @@ class Resolver(Protocol):
 def _parse(rdtype: str, rrset) -> tuple:
     if rdtype == "MX":
         return tuple(sorted((r.preference, r.exchange.to_text().rstrip(".").lower()) for r in rrset))
+    if rdtype == "TXT":
+        # One str per record, its character-strings joined with nothing between them
+        # (RFC 7208 §3.3, RFC 6376 §3.6.2.2). Octets that are not UTF-8 become U+FFFD: still
+        # not ASCII, so an SPF record or DKIM key carrying them stays invalid.
+        return tuple(b"".join(r.strings).decode("utf-8", "replace") for r in rrset)
+    if rdtype == "PTR":
+        # In the order the server gave them (RFC 7208 §4.6.4 looks at the first 10 only).
+        return tuple(r.target.to_text().rstrip(".").lower() for r in rrset)
     return tuple(r.to_text() for r in rrset)
 
 

@@ -1,6 +1,10 @@
 """A real DNS server on loopback (dnslib), serving test zones over UDP and TCP.
 
 Zone format: {"name": {"MX": [(10, "mx.example")], "A": ["127.0.0.20"], "TXT": ["v=spf1 -all"]}}.
+A TXT value is one record: a str (split into 255-octet character-strings when longer, as a
+DKIM key must be) or a list of str (the record's character-strings as given). ``PTR`` values
+are host names; a ``CNAME`` value (one host name) makes the server answer other types with
+the alias and the target's records, as an authoritative server for both zones does.
 A name listed in ``servfail`` answers SERVFAIL; one in ``drop`` never answers (timeout).
 Names that are not in the zone answer NXDOMAIN (with an SOA so negative caching works);
 a known name without the asked type answers NODATA.
@@ -11,7 +15,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from dnslib import QTYPE, RCODE, RR, A, AAAA, MX, SOA, TXT, DNSLabel
+from dnslib import CNAME, PTR, QTYPE, RCODE, RR, A, AAAA, MX, SOA, TXT, DNSLabel
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 
@@ -43,22 +47,48 @@ class ZoneResolver(BaseResolver):
             reply.header.rcode = RCODE.NXDOMAIN
             reply.add_auth(soa)
             return reply
-        for value in entry.get(qtype, ()):
-            if qtype == "MX":
-                pref, host = value
-                rdata = MX(DNSLabel(host + "." if host else "."), pref)
-            elif qtype == "A":
-                rdata = A(value)
-            elif qtype == "AAAA":
-                rdata = AAAA(value)
-            elif qtype == "TXT":
-                rdata = TXT(value)
-            else:
-                continue
-            reply.add_answer(RR(request.q.qname, request.q.qtype, rdata=rdata, ttl=60))
+        owner = request.q.qname
+        for _ in range(8):                  # follow a CNAME chain inside the zone
+            if qtype in entry or "CNAME" not in entry or qtype == "CNAME":
+                break
+            target = entry["CNAME"][0] if isinstance(entry["CNAME"], (list, tuple)) else entry["CNAME"]
+            reply.add_answer(RR(owner, QTYPE.CNAME, rdata=CNAME(DNSLabel(target.rstrip(".") + ".")), ttl=60))
+            owner = DNSLabel(target.rstrip(".") + ".")
+            entry = self.zone.get(target.lower().rstrip("."))
+            if entry is None:
+                return reply
+        values = entry.get(qtype, ())
+        if qtype == "CNAME" and isinstance(values, str):
+            values = [values]
+        for value in values:
+            rdata = _rdata(qtype, value)
+            if rdata is not None:
+                reply.add_answer(RR(owner, getattr(QTYPE, qtype), rdata=rdata, ttl=60))
         if not reply.rr:
             reply.add_auth(soa)
         return reply
+
+
+def _rdata(qtype: str, value):
+    if qtype == "MX":
+        pref, host = value
+        return MX(DNSLabel(host + "." if host else "."), pref)
+    if qtype == "A":
+        return A(value)
+    if qtype == "AAAA":
+        return AAAA(value)
+    if qtype == "TXT":
+        if isinstance(value, (list, tuple)):
+            return TXT([_force(v) for v in value])
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+        return TXT([raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""])
+    if qtype in ("PTR", "CNAME"):
+        return (PTR if qtype == "PTR" else CNAME)(DNSLabel(value.rstrip(".") + "."))
+    return None
+
+
+def _force(v) -> bytes:
+    return v.encode("utf-8") if isinstance(v, str) else v
 
 
 class TestDNSServer:

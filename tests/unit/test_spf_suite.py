@@ -107,3 +107,30 @@ async def test_the_whole_rfc7208_suite_passes():
     passed = len(cases) - len(failures)
     assert len(cases) == EXPECTED_TESTS, f"the suite has {len(cases)} tests, expected {EXPECTED_TESTS}"
     assert not failures, f"RFC 7208 suite: {passed}/{len(cases)} passed, {len(failures)} failed:\n" + "\n".join(failures)
+
+
+# ---- beyond the suite: what the gateway relies on ------------------------------
+
+class SlowResolver:
+    async def query(self, name, rdtype):
+        import asyncio
+        await asyncio.sleep(10)
+
+
+async def test_a_deadline_makes_temperror():
+    import time
+    t0 = time.monotonic()
+    r = await spf.check(SlowResolver(), "192.0.2.1", "a@example.org", "mx.example.org", timeout=0.1)
+    assert (r.result, r.identity, r.domain) == ("temperror", "mailfrom", "example.org")
+    assert time.monotonic() - t0 < 1
+
+
+async def test_ipv4_mapped_client_and_helo_identity():
+    zone = {"example.org": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}]}
+    r = await spf.check(SuiteResolver(zone), "::ffff:192.0.2.7", "", "example.org")
+    assert (r.result, r.identity, r.domain, r.mechanism) == ("pass", "helo", "example.org", "ip4:192.0.2.0/24")
+
+
+async def test_no_client_ip_is_none_not_an_error():
+    r = await spf.check(SuiteResolver({}), "", "a@example.org", "x")
+    assert r.result == "none" and "client IP" in r.detail

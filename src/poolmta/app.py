@@ -20,6 +20,8 @@ from .clock import Clock, SystemClock
 from .config import Config
 from .dns import make_resolver
 from .pipeline import Pipeline
+from .rewrite import Rewriter
+from .rewrite.srs import SRS
 from .route import Policy
 from .spool.sqlite import SQLiteSpool
 from .tenancy import Directory
@@ -40,15 +42,18 @@ class Gateway:
         self.directory = Directory(cfg)
         self.spool = SQLiteSpool(cfg.server.data_dir)
         self.trace = Recorder(self.clock, self.spool)
+        self.srs = SRS.from_config(cfg.srs, self.clock) if cfg.srs.domain else None
+        accepted = [d for t in cfg.tenants.values() for d in t.accepted_domains]
         self.pipeline = Pipeline(Context(self.resolver, self.directory, cfg.auth, cfg.server.hostname),
                                  Policy(cfg.pool_for_role()), self.spool,
-                                 self.trace, self.clock, cfg.server.hostname)
+                                 self.trace, self.clock, cfg.server.hostname,
+                                 rewriter=Rewriter(cfg, accepted, self.clock, self.srs))
         self.scheduler = Scheduler(spool=self.spool, pipeline=self.pipeline, resolver=self.resolver,
                                    pools=cfg.pool_objects(), cfg=cfg.delivery, trace=self.trace, clock=self.clock,
                                    hostname=cfg.server.hostname, connector=connector)
         self.pipeline.on_queued = self.scheduler.wake
         self.pipeline.on_refused = self.scheduler.sweep_dsns_soon
-        self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock)
+        self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock, self.srs)
 
     async def start(self) -> None:
         await self.scheduler.start()

@@ -164,6 +164,16 @@ class Facts:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Facts":
+        """The inverse of to_dict (facts as the spool stored them)."""
+        ia = dict(d.get("inbound_auth") or {})
+        ia["dkim"] = tuple(DkimResult(**r) for r in ia.get("dkim", ()))
+        sd = dict(d["source_domain"])
+        sd["state"] = DomainState(sd["state"])
+        return cls(dsn=DsnFact(**d["dsn"]), source_domain=SourceDomainFact(**sd), spam=SpamFact(**d["spam"]),
+                   forwarded=ForwardFact(**d["forwarded"]), inbound_auth=InboundAuthFact(**ia))
+
 
 # ---- decision (route) -----------------------------------------------------
 

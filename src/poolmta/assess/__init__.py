@@ -16,7 +16,7 @@ from ..config import AuthConfig
 from ..dns import Resolver
 from ..model import Facts, Message
 from ..tenancy import Directory
-from . import dsn, forwarded, source_domain, spam
+from . import dsn, forwarded, inbound_auth, source_domain, spam
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Context:
 
 
 async def assess(msg: Message, ctx: Context) -> Facts:
-    d, sd, sp, fw = await asyncio.gather(
-        dsn.check(msg, ctx), source_domain.check(msg, ctx), spam.check(msg, ctx), forwarded.check(msg, ctx))
-    return Facts(dsn=d, source_domain=sd, spam=sp, forwarded=fw)
+    d, sd, sp, fw, ia = await asyncio.gather(
+        dsn.check(msg, ctx), source_domain.check(msg, ctx), spam.check(msg, ctx), forwarded.check(msg, ctx),
+        inbound_auth.check(msg, ctx))
+    return Facts(dsn=d, source_domain=sd, spam=sp, forwarded=fw, inbound_auth=ia)

@@ -33,9 +33,3 @@ def delivered_to(msg: Message) -> bytes:
         if r.original and r.original.lower() not in seen:
             seen.append(r.original.lower())
     return b"".join(f"Delivered-To: {a}\r\n".encode("utf-8", "surrogateescape") for a in seen)
-
-
-def prepend_received(msg: Message, hostname: str) -> bytes:
-    if msg.origin.kind != "smtp":
-        return msg.content
-    return delivered_to(msg) + received(msg, hostname) + msg.content

@@ -17,6 +17,7 @@ class EventKind(StrEnum):
     RECEIVED = "received"        # client ip, helo, auth user / connector, tenant, size, envelope
     ASSESSED = "assessed"        # the facts
     ROUTED = "routed"            # pool, role, reasons
+    REWRITTEN = "rewritten"      # SRS (old → new sender), DKIM (d=, s=), ARC (domain), or why not
     QUEUED = "queued"            # durable in the spool (the 250 was sent)
     RECHECKED = "rechecked"      # a fact re-checked before delivery
     REROUTED = "rerouted"        # decision changed after a recheck

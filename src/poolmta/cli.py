@@ -3,6 +3,7 @@
   poolmta serve [--config FILE]
   poolmta config check FILE | config params | config defaults
   poolmta hash-password [--stdin]
+  poolmta dkim keygen|rotate|show DOMAIN [--selector S] [--algorithm A]
   poolmta route MESSAGE.eml --mail-from A --rcpt B [--rcpt C] [--client-ip IP] [--auth-user U] [--config F] [--json]
   poolmta route --rules
   poolmta trace [QUEUE-ID | --message-id ID | --sender A | --recipient B] [--json] [--config F]
@@ -97,6 +98,11 @@ def cmd_config(args) -> int:
             cfg = config.loads(text, args.file)
             problems += [config.Problem(p.key, p.message, "warning", lines.find(p.key), args.file)
                          for p in config.check_host(cfg)]
+            if cfg.dkim.sign:
+                from .rewrite import keys
+                accepted = [d for t in cfg.tenants.values() for d in t.accepted_domains]
+                problems += [config.Problem("dkim", text.removeprefix("dkim: "), "warning", lines.find("dkim"), args.file)
+                             for text in keys.problems(keys.key_dir_of(cfg), accepted)]
         for p in problems:
             print(p)
         errors = sum(p.severity == "error" for p in problems)
@@ -146,6 +152,41 @@ def cmd_hash_password(args) -> int:
         print("poolmta: empty password refused", file=sys.stderr)
         return 1
     print(hash_password(pw))
+    return 0
+
+
+# ---- dkim ----------------------------------------------------------------------
+
+def cmd_dkim(args) -> int:
+    from .rewrite import keys
+    cfg = _load_config(args.config)
+    key_dir = keys.key_dir_of(cfg)
+    accepted = {d for t in cfg.tenants.values() for d in t.accepted_domains}
+    domain = args.domain.rstrip(".").lower()
+    if domain not in accepted:
+        print(f"poolmta dkim: warning: {domain} is not an accepted domain in {cfg.source_file}; "
+              "nothing will be signed with this key", file=sys.stderr)
+    os.umask(0o077)
+    try:
+        if args.action == "keygen":
+            made = keys.keygen(key_dir, domain, args.selector, args.algorithm or cfg.dkim.algorithm, force=args.force)
+            print(made)
+            print(f"active selector of {domain}: {keys.active_selector(key_dir, domain)}")
+        elif args.action == "rotate":
+            old = keys.active_selector(key_dir, domain)
+            new = keys.rotate(key_dir, domain)
+            print(f"{domain}: signing with {new} from now on (was {old}).\n"
+                  f"Keep the TXT record of {old} published until mail signed with it has been delivered"
+                  f" (a few days).")
+        else:   # show
+            k = keys.active_key(key_dir, domain)
+            print(k)
+            if isinstance(k, keys.KeyProblem):
+                return 1
+            print(keys.zone_line(keys.record_name(domain, k.selector), keys.public_record(k)))
+    except keys.KeyStoreError as e:
+        print(f"poolmta dkim: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -382,6 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hash-password", help="hash a password for tenants.*.users[].password_hash")
     h.add_argument("--stdin", action="store_true", help="read the password from standard input")
     h.set_defaults(fn=cmd_hash_password)
+
+    k = sub.add_parser("dkim", help="DKIM signing keys: keygen, rotate, show",
+                       description="Keys live in dkim.key_dir (default DATA_DIR/dkim): DOMAIN/SELECTOR.key and"
+                                   " DOMAIN/active. Two selectors per domain let you rotate.")
+    k.add_argument("action", choices=["keygen", "rotate", "show"])
+    k.add_argument("domain")
+    k.add_argument("--selector", default="selector1", help="with keygen: selector1 or selector2")
+    k.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"], help="default: dkim.algorithm")
+    k.add_argument("--force", action="store_true", help="with keygen: replace an existing key")
+    k.add_argument("--config")
+    k.set_defaults(fn=cmd_dkim)
 
     r = sub.add_parser("route", help="assess and route a message without sending it",
                        description="Assess and route a message exactly as the server would, and print the pool"

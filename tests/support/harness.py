@@ -4,7 +4,10 @@ as a separate process, all on loopback. The e2e tests and examples/demo.py use i
 Addresses (all of 127.0.0.0/8 is loopback):
   127.0.0.2/.5  normal pool sources      127.0.0.3  high-risk pool     127.0.0.4  relay pool
   127.0.0.10    the tenant's on-prem connector (a client binds it to be recognised)
-  127.0.0.50    an "internet" client (no connector, no AUTH)
+  127.0.0.11    a filtering connector in front of us, skip-listed (skip_last_hop)
+  127.0.0.12    the same filter without skip listing
+  127.0.0.50    an "internet" client (no connector, no AUTH); SPF of external.test fails for it
+  127.0.0.51    the SPF-authorised server of external.test
   127.0.0.20    MX of dest.test and partner.test  (the recipients' side)
   127.0.0.21    MX of contoso.test (where DSNs to contoso senders arrive)
   127.0.0.22    MX of later.test (started late: used for the kill -9 test)
@@ -22,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from poolmta.rewrite.keys import keygen
 from poolmta.tenancy import hash_password
 from tests.support.dnsserver import TestDNSServer
 from tests.support.sink import Sink
@@ -35,7 +39,10 @@ ZONE = {
     "dest.test": {"MX": [(10, "mx.dest.test")]},
     "mx.dest.test": {"A": ["127.0.0.20"]},
     "partner.test": {"MX": [(10, "mx.dest.test")]},
-    "external.test": {"MX": [(10, "mx.external.test")]},
+    # SPF authorises only 127.0.0.51: the "internet" client 127.0.0.50 fails it.
+    "external.test": {"MX": [(10, "mx.external.test")], "TXT": ["v=spf1 ip4:127.0.0.51 -all"]},
+    # Signs with DKIM (key published by World.start), authorises no IP at all.
+    "signer.test": {"MX": [(10, "mx.external.test")], "TXT": ["v=spf1 -all"]},
     "mx.external.test": {"A": ["127.0.0.20"]},
     "later.test": {"MX": [(10, "mx.later.test")]},
     "mx.later.test": {"A": ["127.0.0.22"]},
@@ -52,8 +59,9 @@ def free_port(address: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def config_text(data_dir: str, listen_port: int, mx_port: int, dns_port: int) -> str:
+def config_text(data_dir: str, listen_port: int, mx_port: int, dns_port: int, key_dir: str = "") -> str:
     pw = hash_password(PASSWORD)
+    key_dir = key_dir or f"{data_dir}/dkim"
     return f"""
 [server]
 listen = "127.0.0.1:{listen_port}"
@@ -73,6 +81,13 @@ connect_timeout = "2s"
 command_timeout = "10s"
 poll_interval = "0.2s"
 
+[srs]
+domain = "contoso.test"
+secrets = ["e2e-srs-secret-0123456789"]
+
+[dkim]
+key_dir = "{key_dir}"
+
 [pools.normal]
 role = "normal"
 sources = [{{ address = "127.0.0.2", ehlo = "out1.poolmta.test" }}, {{ address = "127.0.0.5", ehlo = "out2.poolmta.test" }}]
@@ -88,7 +103,11 @@ sources = [{{ address = "127.0.0.4", ehlo = "rly1.poolmta.test" }}]
 [tenants.contoso]
 accepted_domains = ["contoso.test", "nodns.contoso.test"]
 users = [{{ name = "alice@contoso.test", password_hash = "{pw}" }}]
-connectors = [{{ name = "onprem", client_ips = ["127.0.0.10/32"], trusted = true }}]
+connectors = [
+    {{ name = "onprem", client_ips = ["127.0.0.10/32"], trusted = true }},
+    {{ name = "filter", client_ips = ["127.0.0.11/32"], skip_last_hop = true }},
+    {{ name = "filter-noskip", client_ips = ["127.0.0.12/32"] }},
+]
 
 [tenants.contoso.forward]
 "info@contoso.test" = ["contoso-info@partner.test"]
@@ -120,7 +139,15 @@ class World:
         self.dns.start()
         self.dest.start()
         self.contoso.start()
-        self.config_path.write_text(config_text(str(self.data_dir), self.listen_port, self.mx_port, self.dns.port))
+        self.key_dir = self.workdir / "dkim"
+        self.config_path.write_text(config_text(str(self.data_dir), self.listen_port, self.mx_port, self.dns.port,
+                                                str(self.key_dir)))
+        # Our DKIM key for contoso.test, and a third party's for signer.test, published in the test zone.
+        made = keygen(str(self.key_dir), "contoso.test")
+        self.dns.resolver.zone[made.name] = {"TXT": [made.value]}
+        self.signer_key_dir = self.workdir / "signer-keys"
+        made = keygen(str(self.signer_key_dir), "signer.test")
+        self.dns.resolver.zone[made.name] = {"TXT": [made.value]}
         self.start_gateway()
         return self
 

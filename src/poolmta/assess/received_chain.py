@@ -10,8 +10,8 @@ The hops, newest first, are: the connecting client itself (the connector),
 then the client named in each Received header from the top down (the top
 one was written by the connector and names who connected to it). A hop is
 skipped when ``skip_last_hop`` is set and it is the connecting client, when
-its address is in one of the ``skip_ips`` networks, or when it is a
-loopback address (a content filter handing mail back to the same host: never
+its address is in one of the ``skip_ips`` networks, or when it is localhost
+(127.0.0.1 or ::1: a content filter handing mail back to the same host, never
 an original sender). The first hop not skipped is the original client.
 
 Only headers written by skipped (so trusted) hops are believed: the walk
@@ -173,8 +173,13 @@ def parse_networks(skip_ips) -> tuple[_Network, ...]:
     return tuple(out)
 
 
+_LOCALHOST = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
 def _skipped(a: _Address, networks: tuple[_Network, ...]) -> bool:
-    return a.is_loopback or any(a.version == n.version and a in n for n in networks)
+    # Only localhost itself: a content filter re-injects there. The rest of 127/8
+    # stays a distinct host (several test hosts on one machine use it so).
+    return a in _LOCALHOST or any(a.version == n.version and a in n for n in networks)
 
 
 def original_client(client_ip: str, received: list[str], skip_ips=(), skip_last_hop: bool = False) -> OriginalClient:

@@ -66,13 +66,22 @@ def test_spf_pass_forward_stays_normal_with_srs(world):
     world.srs_from_spf_pass = m.mail_from
 
 
+def test_our_arc_seal_verifies(world):
+    m = arrived_for(world, "contoso-info@partner.test", "spf pass")
+    cv, results, reason = dkim.arc_verify(m.content, dnsfunc=zone_dnsfunc(world))
+    assert cv == b"pass", reason
+
+
 def test_spf_fail_forward_goes_to_relay_pool_unrewritten(world):
-    qid = world.send(message("someone@external.test", "spf fail"), "someone@external.test", ["info@contoso.test"],
-                     client_ip="127.0.0.50")
+    # A forged verdict in our name must not survive (RFC 8601 §5).
+    forged = b"Authentication-Results: gw.poolmta.test; spf=pass smtp.mailfrom=external.test\r\n"
+    qid = world.send(message("someone@external.test", "spf fail", forged), "someone@external.test",
+                     ["info@contoso.test"], client_ip="127.0.0.50")
     m = arrived_for(world, "contoso-info@partner.test", "spf fail")
     assert (m.peer, m.mail_from) == (RELAY, "someone@external.test")
     assert "rly" in m.ehlo
-    assert b"spf=fail" in m.content.split(b"\r\n\r\n")[0]
+    head = m.content.split(b"\r\n\r\n")[0]
+    assert b"spf=fail" in head and b"spf=pass" not in head
     assert summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["relay-unauthenticated"]
 
 
@@ -140,3 +149,13 @@ def test_our_outbound_mail_is_dkim_signed_and_verifies(world):
     assert "d=contoso.test" in sig.replace(" ", "") and "c=relaxed/relaxed" in sig.replace(" ", "")
     assert dkim.verify(m.content, dnsfunc=zone_dnsfunc(world))
     assert summary(world, qid, lambda s: s.get("delivered") == 1)["routed"] == "normal"
+
+
+def test_domain_without_key_goes_out_unsigned_and_says_so(world):
+    qid = world.send(message("app@nodns.contoso.test", "unsigned"), "app@nodns.contoso.test", ["carol@dest.test"],
+                     client_ip="127.0.0.10")
+    m = arrived_for(world, "carol@dest.test", "unsigned")
+    assert b"DKIM-Signature" not in m.content.split(b"\r\n\r\n")[0]
+    from tests.support.harness import trace_events
+    (ev,) = [e for e in trace_events(world.data_dir, qid) if e["event"] == "rewritten"]
+    assert "nodns.contoso.test" in ev["dkim_problem"]

@@ -43,11 +43,10 @@ class Gateway:
         self.spool = SQLiteSpool(cfg.server.data_dir)
         self.trace = Recorder(self.clock, self.spool)
         self.srs = SRS.from_config(cfg.srs, self.clock) if cfg.srs.domain else None
-        accepted = [d for t in cfg.tenants.values() for d in t.accepted_domains]
         self.pipeline = Pipeline(Context(self.resolver, self.directory, cfg.auth, cfg.server.hostname),
                                  Policy(cfg.pool_for_role()), self.spool,
                                  self.trace, self.clock, cfg.server.hostname,
-                                 rewriter=Rewriter(cfg, accepted, self.clock, self.srs))
+                                 rewriter=Rewriter(cfg, self.directory, self.clock, self.srs))
         self.scheduler = Scheduler(spool=self.spool, pipeline=self.pipeline, resolver=self.resolver,
                                    pools=cfg.pool_objects(), cfg=cfg.delivery, trace=self.trace, clock=self.clock,
                                    hostname=cfg.server.hostname, connector=connector)

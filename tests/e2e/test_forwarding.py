@@ -82,6 +82,7 @@ def test_spf_fail_forward_goes_to_relay_pool_unrewritten(world):
     assert "rly" in m.ehlo
     head = m.content.split(b"\r\n\r\n")[0]
     assert b"spf=fail" in head and b"spf=pass" not in head
+    assert b"ARC-Seal: i=1;" in head                       # the trail is kept for relayed mail too
     assert summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["relay-unauthenticated"]
 
 
@@ -159,3 +160,13 @@ def test_domain_without_key_goes_out_unsigned_and_says_so(world):
     from tests.support.harness import trace_events
     (ev,) = [e for e in trace_events(world.data_dir, qid) if e["event"] == "rewritten"]
     assert "nodns.contoso.test" in ev["dkim_problem"]
+
+
+def test_internet_mail_claiming_our_from_domain_is_not_signed_with_our_key(world):
+    """A spoofer writes From: alice@contoso.test and sends to our forwarding address:
+    it is forwarded (relay pool, SPF failed) but never DKIM-signed as contoso.test."""
+    qid = world.send(message("alice@contoso.test", "spoofed from"), "someone@external.test", ["info@contoso.test"],
+                     client_ip="127.0.0.50")
+    m = arrived_for(world, "contoso-info@partner.test", "spoofed from")
+    assert m.peer == RELAY
+    assert b"DKIM-Signature" not in m.content.split(b"\r\n\r\n")[0]

@@ -6,10 +6,12 @@
 2. SRS: the envelope sender of authenticated forwarding is rewritten
    (decision.srs), so SPF at the destination checks our domain and bounces
    come back to us;
-3. ARC (RFC 8617): forwarded mail we let through gets a seal recording the
-   SPF/DKIM results we saw, with the forwarding domain's key;
-4. DKIM: mail whose From: domain is an accepted domain with a key is signed,
-   the last step before the spool.
+3. ARC (RFC 8617): mail we forward gets a seal recording the SPF/DKIM
+   results we saw (pass or fail), with the forwarding domain's key;
+4. DKIM: mail the tenant submitted itself (SMTP AUTH or its connector) whose
+   From: domain is one of that tenant's accepted domains with a key is signed,
+   the last step before the spool. Mail from the internet is never signed with
+   our keys, whatever its From: says.
 
 Signing and sealing never stall mail: a missing or broken key, or a signer
 error, sends the message as it is, logged at error level and traced
@@ -42,9 +44,8 @@ log = logging.getLogger("poolmta.rewrite")
 
 
 class Rewriter:
-    def __init__(self, cfg: Config, accepted_domains, clock, srs: SRS | None = None):
-        self.cfg, self.clock, self.srs = cfg, clock, srs
-        self.accepted = frozenset(d.lower() for d in accepted_domains)
+    def __init__(self, cfg: Config, directory, clock, srs: SRS | None = None):
+        self.cfg, self.clock, self.srs, self.directory = cfg, clock, srs, directory
         self.authserv_id = cfg.auth.authserv_id or cfg.server.hostname
         self.key_dir = keys.key_dir_of(cfg)
         from ..config import parse_hostport
@@ -77,7 +78,9 @@ class Rewriter:
                 notes["srs_problem"] = str(e)
                 log.error("SRS rewrite failed queue_id=%s sender=%s: %s", msg.queue_id, env.mail_from, e)
 
-        if decision.srs and self.cfg.dkim.arc:
+        # ARC: every message we forward for a forwarding address (whatever its pool: the
+        # seal records what we saw, pass or fail), and authenticated relaying through a connector.
+        if self.cfg.dkim.arc and facts.forwarded.forwarded and (forwarder or decision.srs):
             arc_domain = domain_of(forwarder) or (self.srs.domain if self.srs else "")
             if arc_domain:
                 key = keys.active_key(self.key_dir, arc_domain)
@@ -92,8 +95,12 @@ class Rewriter:
                         content = sealed
                         notes["arc"] = arc_domain
 
-        if self.cfg.dkim.sign:
-            d = dkim.signing_domain(content, self.accepted)
+        # Sign only what the tenant itself submitted (AUTH or its connector), for a From:
+        # domain of that tenant: mail from the internet to a forwarding address may claim
+        # our From: domain, and our key must never vouch for it.
+        submitted = bool(msg.origin.auth_user or msg.origin.connector)
+        if self.cfg.dkim.sign and submitted and msg.origin.tenant:
+            d = dkim.signing_domain(content, self.directory.accepted_by_tenant.get(msg.origin.tenant, ()))
             if d:
                 key = keys.active_key(self.key_dir, d)
                 signed = await asyncio.to_thread(dkim.sign, content, d, key, self.cfg.dkim.headers, self.clock.now())

@@ -35,6 +35,8 @@ CASES = [
      "alice@contoso.test", "dave@dest.test", "127.0.0.60", True, "dest", "dave@dest.test"),
     ("forwarded from outside", simple("hello info", sender="someone@external.test"),
      "someone@external.test", "info@contoso.test", "127.0.0.50", False, "dest", "contoso-info@partner.test"),
+    ("forwarded, SPF pass -> SRS", simple("hello again", sender="someone@external.test"),
+     "someone@external.test", "info@contoso.test", "127.0.0.51", False, "dest", "contoso-info@partner.test"),
     ("sender domain without DNS", simple("from nowhere", sender="app@nodns.contoso.test"),
      "app@nodns.contoso.test", "erin@dest.test", "127.0.0.10", False, "dest", "erin@dest.test"),
     ("5xx at receiver -> DSN", simple("to a missing user"),
@@ -53,8 +55,9 @@ def main() -> int:
             t0 = time.time()
             qid = world.send(content, mail_from, [rcpt], client_ip=ip, auth=auth)
             sink = getattr(world, sink_name)
-            sink.wait_for(lambda ms: sink.to(arrives_for), timeout=30)
-            m = sink.to(arrives_for)[-1]
+            sink.wait_for(lambda ms: [m for m in sink.to(arrives_for)
+                                      if qid.encode() in m.content or sink_name == "contoso"], timeout=30)
+            m = [m for m in sink.to(arrives_for) if qid.encode() in m.content or sink_name == "contoso"][-1]
             s = trace_summary(world.data_dir, qid)
             pool, reasons = s.get("routed", "?"), ",".join(s.get("reasons", []))
             if sink_name == "contoso":      # the bounce: show how the DSN itself was routed
@@ -63,7 +66,8 @@ def main() -> int:
                 ds = trace_summary(world.data_dir, dsn_qid)
                 pool, reasons = f"{pool} -> DSN {ds.get('routed')}", f"{reasons} -> {','.join(ds.get('reasons', []))}"
             rows.append((what, mail_from or "<>", rcpt, pool, reasons,
-                         f"{m.peer} {m.ehlo}" + (f" (DSN to {arrives_for})" if sink_name == "contoso" else ""),
+                         f"{m.peer} {m.ehlo} from <{m.mail_from}>"
+                         + (f" (DSN to {arrives_for})" if sink_name == "contoso" else ""),
                          f"{time.time() - t0:.1f}s", qid))
         heads = ("message", "sender", "recipient", "pool", "reasons", "receiver saw", "took", "queue id")
         widths = [max(len(str(r[i])) for r in rows + [heads]) for i in range(len(heads))]

@@ -252,6 +252,57 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    backend: str = field(default="sqlite", metadata=_doc(
+        "Where sending-limit counters and restricted senders live: \"sqlite\" (one node, DATA_DIR/state.db)"
+        " or \"redis\" (shared by every node of a cluster)."))
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_doc("Redis URL, with backend = \"redis\"."))
+    key_prefix: str = field(default="poolmta:", metadata=_doc("Prefix of every Redis key (several services, one Redis)."))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    recipients_per_day: int = field(default=10_000, metadata=_doc(
+        "Service limit: recipients per sender in a rolling 24 h; over it the excess leaves through high-risk."))
+    messages_per_minute: int = field(default=30, metadata=_doc(
+        "Service limit: messages per sender per minute; over it the excess leaves through high-risk."))
+    spam_restrict_count: int = field(default=5, metadata=_doc(
+        "A sender whose outbound mail is judged spam this many times within spam_restrict_window is restricted"
+        " (0 = never)."))
+    spam_restrict_window: float = field(default=3600.0, metadata=_doc(
+        "Window of spam_restrict_count.", parse=parse_duration))
+
+
+@dataclass(frozen=True)
+class SpamConfig:
+    spamd: str = field(default="127.0.0.1:783", metadata=_doc("spamd address for engine \"spamassassin\"."))
+    rspamd_url: str = field(default="http://127.0.0.1:11333", metadata=_doc("rspamd controller/normal worker URL for engine \"rspamd\"."))
+    timeout: float = field(default=10.0, metadata=_doc(
+        "Most seconds a spam check may take; slower counts as a failed check.", parse=parse_duration))
+    max_size: int = field(default=512 * 1024, metadata=_doc(
+        "Messages larger than this are checked on their first max_size bytes (like spamc -s).", parse=parse_size))
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str = field(default="default", metadata=_doc("Name shown in the trace and in alerts."))
+    priority: int = field(default=0, metadata=_doc("Custom policies: the lowest number that matches wins."))
+    senders: tuple[str, ...] = field(default=(), metadata=_doc(
+        "Custom policies: From: addresses it applies to (case-insensitive)."))
+    domains: tuple[str, ...] = field(default=(), metadata=_doc(
+        "Custom policies: From: domains it applies to.", parse=_domain))
+    recipient_limit_external_per_hour: int = field(default=0, metadata=_doc(
+        "External recipients per sender per hour (0 = no policy limit; 0..10000)."))
+    recipient_limit_internal_per_hour: int = field(default=0, metadata=_doc(
+        "Recipients in the tenant's accepted domains per sender per hour (0 = no policy limit; 0..10000)."))
+    recipient_limit_per_day: int = field(default=0, metadata=_doc(
+        "Recipients per sender per UTC day (0 = no policy limit; 0..10000)."))
+    action_when_limit_reached: str = field(default="block_user_for_today", metadata=_doc(
+        "\"block_user_for_today\" (restricted until the next UTC day), \"block_user\" (until released),"
+        " \"alert\" (notify only)."))
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     address: str = field(default="", metadata=_doc("Local IP address to bind for outbound connections.", parse=_ip))
     ehlo: str = field(default="", metadata=_doc("EHLO name: the name the address's PTR record carries.", parse=_hostname))
@@ -298,6 +349,23 @@ class TenantConfig:
         "Servers that relay for the tenant by client IP: [{ name, client_ips, trusted }]."))
     forward: dict[str, tuple[str, ...]] = field(default_factory=dict, metadata=_doc(
         "Forwarding: address in an accepted domain → external addresses it forwards to.", parse=_address))
+    admins: tuple[str, ...] = field(default=(), metadata=_doc(
+        "Addresses that get alerts (a sender restricted, a limit reached), sent through the gateway itself.",
+        parse=_address))
+    spam_engine: str = field(default="builtin", metadata=_doc(
+        "Outbound spam verdicts: \"builtin\" (GTUBE, trusted upstream headers), \"spamassassin\" (spamd),"
+        " \"rspamd\"."))
+    on_engine_failure: str = field(default="normal", metadata=_doc(
+        "When the spam engine is down or slow: \"normal\" (route as if clean), \"high-risk\", or \"defer\""
+        " (451 at DATA: the client retries)."))
+    external_recipients_per_day: int = field(default=0, metadata=_doc(
+        "Tenant-wide external recipients per rolling 24 h, over which external sending is refused (550 5.7.233);"
+        " 0 = from licenses (500 × licenses^0.7 + 9500), or no limit when licenses is 0."))
+    licenses: int = field(default=0, metadata=_doc("Licence count for the tenant external recipient limit formula."))
+    policy: PolicyConfig = field(default_factory=PolicyConfig, metadata=_doc(
+        "The tenant's default outbound spam policy (always applies when no custom policy matches)."))
+    policies: tuple[PolicyConfig, ...] = field(default=(), metadata=_doc(
+        "Custom outbound spam policies: [{ name, priority, senders, domains, limits…, action_when_limit_reached }]."))
     auto_forwarding: str = field(default="on", metadata=_doc(
         "\"on\": forwarding addresses forward to external targets; \"off\": they do not, and an external sender"
         " gets a DSN 550 5.7.520 (Exchange Online's automatic forwarding control)."))
@@ -311,6 +379,9 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig, metadata=_doc("Inbound authentication (SPF, DKIM)."))
     srs: SrsConfig = field(default_factory=SrsConfig, metadata=_doc("Sender Rewriting Scheme for forwarded mail."))
     dkim: DkimConfig = field(default_factory=DkimConfig, metadata=_doc("DKIM signing and ARC sealing."))
+    state: StateConfig = field(default_factory=StateConfig, metadata=_doc("Shared sender state (limits, restrictions)."))
+    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata=_doc("Service sending limits."))
+    spam: SpamConfig = field(default_factory=SpamConfig, metadata=_doc("Spam engines."))
     pools: dict[str, PoolConfig] = field(default_factory=dict, metadata=_doc("Delivery pools by name."))
     tenants: dict[str, TenantConfig] = field(default_factory=dict, metadata=_doc("Tenants by name."))
     source_file: str = field(default="", metadata=_doc("Internal: the file this was loaded from.", internal=True))
@@ -540,6 +611,10 @@ def check(cfg: Config) -> list[Problem]:
     if d.starttls not in ("opportunistic", "never"):
         out.append(Problem("delivery.starttls", f"must be \"opportunistic\" or \"never\", not {d.starttls!r}"))
 
+    if cfg.state.backend not in ("sqlite", "redis"):
+        out.append(Problem("state.backend", f"must be \"sqlite\" or \"redis\", not {cfg.state.backend!r}"))
+    elif cfg.state.backend == "redis" and not cfg.state.url.startswith(("redis://", "rediss://", "unix://")):
+        out.append(Problem("state.url", f"not a Redis URL: {cfg.state.url!r}"))
     sr = cfg.srs
     if sr.format not in ("srs", "m365"):
         out.append(Problem("srs.format", f"must be \"srs\" or \"m365\", not {sr.format!r}"))
@@ -597,6 +672,24 @@ def check(cfg: Config) -> list[Problem]:
                                    f"{dom} is also an accepted domain of tenant {domains[dom]!r}"))
             if not domains.get(dom):
                 domains[dom] = tname
+        if t.spam_engine not in ("builtin", "spamassassin", "rspamd"):
+            out.append(Problem(f"tenants.{tname}.spam_engine",
+                               f"must be \"builtin\", \"spamassassin\" or \"rspamd\", not {t.spam_engine!r}"))
+        if t.on_engine_failure not in ("normal", "high-risk", "defer"):
+            out.append(Problem(f"tenants.{tname}.on_engine_failure",
+                               f"must be \"normal\", \"high-risk\" or \"defer\", not {t.on_engine_failure!r}"))
+        for j, pol in enumerate((t.policy,) + t.policies):
+            key = f"tenants.{tname}.policy" if j == 0 else f"tenants.{tname}.policies[{j - 1}]"
+            for f_ in ("recipient_limit_external_per_hour", "recipient_limit_internal_per_hour",
+                       "recipient_limit_per_day"):
+                v = getattr(pol, f_)
+                if not isinstance(v, int) or not 0 <= v <= 10000:
+                    out.append(Problem(f"{key}.{f_}", f"must be 0..10000, not {v!r}"))
+            if pol.action_when_limit_reached not in ("block_user_for_today", "block_user", "alert"):
+                out.append(Problem(f"{key}.action_when_limit_reached",
+                                   "must be \"block_user_for_today\", \"block_user\" or \"alert\""))
+            if j > 0 and not (pol.senders or pol.domains):
+                out.append(Problem(key, "a custom policy needs senders or domains to match"))
         if t.auto_forwarding not in ("on", "off"):
             out.append(Problem(f"tenants.{tname}.auto_forwarding", f"must be \"on\" or \"off\", not {t.auto_forwarding!r}"))
         for i, u in enumerate(t.users):

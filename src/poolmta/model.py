@@ -113,6 +113,21 @@ class SpamFact:
     is_spam: bool
     engine: str = ""
     detail: str = ""
+    score: float = 0.0
+    threshold: float = 0.0
+    failed: bool = False              # the engine did not answer (down, slow, broken): no verdict
+    on_failure: str = "normal"        # the tenant's on_engine_failure, for route: "normal" | "high-risk" | "defer"
+    elapsed: float = 0.0              # seconds the check took
+
+
+@dataclass(frozen=True)
+class LimitFact:
+    """Sending limits: which ones this message exceeds, for whom, and what the policy does then."""
+    exceeded: tuple[str, ...] = ()    # "recipient_limit_external_per_hour", "service_recipients_per_day", …
+    sender: str = ""                  # who is counted: the AUTH user, or the envelope sender for connector mail
+    policy: str = ""                  # the outbound spam policy that applied (by From: address)
+    action: str = ""                  # that policy's action_when_limit_reached, when one of its limits was exceeded
+    counts: dict = field(default_factory=dict)   # the totals after this message, by limit name
 
 
 @dataclass(frozen=True)
@@ -160,6 +175,7 @@ class Facts:
     spam: SpamFact
     forwarded: ForwardFact
     inbound_auth: InboundAuthFact = InboundAuthFact()
+    limits: LimitFact = LimitFact()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,7 +188,9 @@ class Facts:
         sd = dict(d["source_domain"])
         sd["state"] = DomainState(sd["state"])
         return cls(dsn=DsnFact(**d["dsn"]), source_domain=SourceDomainFact(**sd), spam=SpamFact(**d["spam"]),
-                   forwarded=ForwardFact(**d["forwarded"]), inbound_auth=InboundAuthFact(**ia))
+                   forwarded=ForwardFact(**d["forwarded"]), inbound_auth=InboundAuthFact(**ia),
+                   limits=LimitFact(**{**(d.get("limits") or {}),
+                                       "exceeded": tuple((d.get("limits") or {}).get("exceeded", ()))}))
 
 
 # ---- decision (route) -----------------------------------------------------

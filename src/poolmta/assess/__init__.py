@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from ..config import AuthConfig
+from ..config import AuthConfig, SpamConfig
 from ..dns import Resolver
 from ..model import Facts, Message
 from ..tenancy import Directory
@@ -25,6 +25,8 @@ class Context:
     directory: Directory
     auth: AuthConfig = AuthConfig()
     hostname: str = "poolmta.localhost"     # our host: the authserv-id when auth.authserv_id is empty
+    spam: SpamConfig = SpamConfig()
+    limits: object = None                   # assess.limits.Limits (counters in the shared state), or None: not counted
 
 
 async def assess(msg: Message, ctx: Context) -> Facts:

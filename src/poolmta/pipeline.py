@@ -43,6 +43,7 @@ class Pipeline:
                           connector=o.connector, tenant=o.tenant, origin=o.kind, size=len(msg.content),
                           mail_from=env.mail_from, rcpt=[r.address for r in env.recipients])
         facts, decision = await self.decide(msg)
+        msg = self._settle_refused(msg, facts)
         self.trace.record(msg.queue_id, EventKind.ASSESSED, **facts.to_dict())
         self.trace.record(msg.queue_id, EventKind.ROUTED, **decision.to_dict())
         if self.rewriter is not None:
@@ -60,6 +61,20 @@ class Pipeline:
         if refused:
             self.on_refused()
         return decision
+
+    def _settle_refused(self, msg: Message, facts: Facts) -> Message:
+        """Recipients refused at accept (forwarding disabled) are reported by DSN only to
+        a sender that SPF or aligned DKIM vouched for, and with headers only: otherwise
+        a forged sender would have us reflect any content to any address (backscatter)."""
+        env = msg.envelope
+        if not any(r.refused and r.notify != ("NEVER",) for r in env.recipients):
+            return msg
+        if facts.inbound_auth.sender_authenticated:
+            return dataclasses.replace(msg, envelope=dataclasses.replace(env, ret="HDRS"))
+        quiet = tuple(dataclasses.replace(r, notify=("NEVER",)) if r.refused else r for r in env.recipients)
+        self.trace.record(msg.queue_id, EventKind.DSN_SUPPRESSED, reason="sender-not-authenticated",
+                          rcpt=[r.address for r in env.recipients if r.refused])
+        return dataclasses.replace(msg, envelope=dataclasses.replace(env, recipients=quiet))
 
     async def reassess(self, msg: Message, facts: dict, decision: Decision) -> tuple[Decision, bool]:
         """Re-check the facts listed in decision.recheck; return (decision, still_unknown)."""

@@ -20,7 +20,7 @@ import os
 import base64
 from dataclasses import dataclass
 
-from .config import Config, ConnectorConfig
+from .config import Config, ConnectorConfig, TenantConfig
 from .model import domain_of
 
 
@@ -55,12 +55,28 @@ class Directory:
             tname for tname, t in cfg.tenants.items() if t.auto_forwarding == "off")
         self.accepted_by_tenant: dict[str, frozenset[str]] = {
             tname: frozenset(d.lower() for d in t.accepted_domains) for tname, t in cfg.tenants.items()}
+        self.tenant_configs: dict[str, TenantConfig] = dict(cfg.tenants)
+
+    def tenant(self, name: str) -> TenantConfig | None:
+        """The tenant's settings (spam_engine, on_engine_failure, policies, …), None for an unknown name."""
+        return self.tenant_configs.get(name) if name else None
 
     def tenant_of_domain(self, domain: str) -> str:
         return self.domains.get(domain.rstrip(".").lower(), "")
 
     def is_accepted(self, tenant: str, domain: str) -> bool:
         return domain.rstrip(".").lower() in self.accepted_by_tenant.get(tenant, frozenset())
+
+    def submitted_by_tenant(self, auth_user: str, client_ip: str) -> bool:
+        """Did the tenant itself hand us this message (SMTP AUTH, or its own connector)?
+
+        A skip-listed connector is a filter relaying *internet* mail to us: what it
+        passes on was not submitted by the tenant, whatever its sender claims.
+        """
+        if auth_user:
+            return True
+        c = self.connector_for(client_ip) if client_ip else None
+        return c is not None and not (c.skip_ips or c.skip_last_hop)
 
     def auto_forwarding(self, tenant: str) -> bool:
         """May the tenant's forwarding addresses forward to external targets?"""

@@ -170,3 +170,16 @@ def test_internet_mail_claiming_our_from_domain_is_not_signed_with_our_key(world
     m = arrived_for(world, "contoso-info@partner.test", "spoofed from")
     assert m.peer == RELAY
     assert b"DKIM-Signature" not in m.content.split(b"\r\n\r\n")[0]
+
+
+def test_filter_connector_mail_claiming_our_domain_is_not_signed(world):
+    """A skip-listed filter relays internet mail: a forged From: ceo@contoso.test
+    through it is not the tenant's own mail and is never signed with our key."""
+    hop = (b"Received: from evil.example (evil.example [203.0.113.9])\r\n"
+           b"\tby filter.contoso.test (Postfix) with ESMTP id 4F1E3; Thu, 03 Dec 2026 10:00:00 +0000\r\n")
+    qid = world.send(hop + message("ceo@contoso.test", "forged through filter"), "ceo@contoso.test",
+                     ["partner@dest.test"], client_ip="127.0.0.11")
+    m = arrived_for(world, "partner@dest.test", "forged through filter")
+    assert m.peer == RELAY
+    assert b"DKIM-Signature" not in m.content.split(b"\r\n\r\n")[0]
+    assert summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["relay-unauthenticated"]

@@ -214,13 +214,40 @@ def test_kill_9_during_a_burst_of_accepts_loses_no_acknowledged_message(world):
 
 def test_auto_forwarding_off_tells_the_external_sender(world):
     """Exchange Online's automatic forwarding control: not forwarded, and the
-    external sender gets a DSN 550 5.7.520 from the high-risk pool."""
-    qid = world.send(simple("please forward", sender="someone@external.test"), "someone@external.test",
-                     ["sales@northwind.test"], client_ip="127.0.0.50")
+    external sender (SPF-authenticated: 127.0.0.51) gets a DSN 550 5.7.520 from
+    the high-risk pool, with the headers only."""
+    qid = world.send(simple("please forward", b"SECRET BODY\r\n", sender="someone@external.test"),
+                     "someone@external.test", ["sales@northwind.test"], client_ip="127.0.0.51")
     world.dest.wait_for(lambda ms: world.dest.to("someone@external.test"))
     dsn = world.dest.to("someone@external.test")[0]
     assert (dsn.peer, dsn.mail_from) == (HIGH_RISK, "")
     assert b"5.7.520" in dsn.content and b"does not allow external forwarding" in dsn.content
+    assert b"text/rfc822-headers" in dsn.content and b"SECRET BODY" not in dsn.content
     s = wait_summary(world, qid, lambda s: s.get("dsn-created") == 1)
     assert s.get("attempt", 0) == 0 and s["bounced"] == 1
     assert not world.dest.to("nw-sales@partner.test")
+
+
+def test_auto_forwarding_off_never_reflects_mail_to_a_forged_sender(world):
+    """The same from a client SPF does not authorise: the sender may be forged, so no
+    DSN (it would carry the attacker's content to a victim); the trace says why."""
+    qid = world.send(simple("backscatter attempt", sender="victim@external.test"), "victim@external.test",
+                     ["sales@northwind.test"], client_ip="127.0.0.50")
+    s = wait_summary(world, qid, lambda s: s.get("bounced") == 1)
+    time.sleep(1.0)
+    assert "dsn-suppressed" in [e["event"] for e in trace_events(world.data_dir, qid)]
+    assert trace_summary(world.data_dir, qid).get("dsn-created", 0) == 0
+    assert not world.dest.to("victim@external.test")
+
+
+def test_internet_client_using_our_domain_as_sender_does_not_get_the_normal_pool(world):
+    """Anyone can write MAIL FROM:<ceo@contoso.test>; from the internet (to a forwarding
+    address) that proves nothing: SPF fails, so it leaves through the relay pool."""
+    qid = world.send(simple("spoofed ceo", sender="ceo@contoso.test"), "ceo@contoso.test", ["info@contoso.test"],
+                     client_ip="127.0.0.50")
+    world.dest.wait_for(lambda ms: [m for m in world.dest.to("contoso-info@partner.test")
+                                    if b"spoofed ceo" in m.content])
+    m = [m for m in world.dest.to("contoso-info@partner.test") if b"spoofed ceo" in m.content][0]
+    assert m.peer == RELAY
+    assert b"DKIM-Signature" not in m.content.split(b"\r\n\r\n")[0]
+    assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["relay-unauthenticated"]

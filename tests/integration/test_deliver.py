@@ -215,7 +215,7 @@ class Gateway:
         content = (f"From: {mail_from or 'MAILER-DAEMON@elsewhere.test'}\r\n"
                    f"To: {', '.join(r.address for r in recipients)}\r\n"
                    f"Subject: {subject}\r\nMessage-ID: <{qid}@sender.test>\r\n\r\nBody of {qid}\r\n").encode()
-        msg = Message(qid, Envelope(mail_from, recipients, **env), Origin("127.0.0.1", helo="client.test", tenant=tenant),
+        msg = Message(qid, Envelope(mail_from, recipients, **env), Origin("127.0.0.1", helo="client.test", auth_user="submitter@test", tenant=tenant),
                       content, self.clock.now())
         await self.pipeline.accept(msg)
         return qid

@@ -20,9 +20,10 @@ accepted_domains = ["contoso.test", "fabrikam.test"]
 
 
 def msg(mail_from="a@contoso.test", rcpts=("b@example.org",), content=b"Subject: x\r\n\r\nhello\r\n",
-        tenant="contoso", trusted=False):
+        tenant="contoso", trusted=False, auth_user="a@contoso.test"):
     return Message("Q1", Envelope(mail_from, tuple(Recipient(r) for r in rcpts)),
-                   Origin("127.0.0.9", tenant=tenant, trusted_connector=trusted, connector="c"), content, 0.0)
+                   Origin("127.0.0.9", tenant=tenant, trusted_connector=trusted, connector="c", auth_user=auth_user),
+                   content, 0.0)
 
 
 def crlf(p: Path) -> bytes:
@@ -101,6 +102,8 @@ async def test_forwarded():
     assert (f.forwarded, f.external_recipients) == (True, 1)
     # foreign sender to the tenant's own domain only: not leaving, not forwarding
     assert not (await forwarded.check(msg("someone@gmail.test", ["y@contoso.test"]), ctx)).forwarded
+    # our domain as sender, but from the internet (no AUTH, no connector): proves nothing
+    assert (await forwarded.check(msg("ceo@contoso.test", ["x@example.org"], auth_user=""), ctx)).forwarded
 
 
 async def test_assess_gathers_all_facts():

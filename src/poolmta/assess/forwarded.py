@@ -22,6 +22,12 @@ async def check(msg: Message, ctx) -> ForwardFact:
     d = ctx.directory
     sender_domain = msg.envelope.sender_domain
     external = sum(1 for r in msg.envelope.recipients if not d.is_accepted(tenant, domain_of(r.address)))
+    # The tenant's own domain as sender makes mail the tenant's own only when the
+    # tenant handed it to us (AUTH, its connector). From the internet (a forwarding
+    # address, a skip-listed filter) anyone can write our domain in MAIL FROM: such
+    # mail is forwarded like any other and must authenticate to keep the normal pool.
+    own = d.is_accepted(tenant, sender_domain) and (
+        msg.origin.kind in ("dsn", "cli") or d.submitted_by_tenant(msg.origin.auth_user, msg.origin.client_ip))
     # A null reverse-path names no sender to vouch for (or not): the DSN rule covers it.
-    forwarded = bool(sender_domain) and external > 0 and not d.is_accepted(tenant, sender_domain)
+    forwarded = bool(sender_domain) and external > 0 and not own
     return ForwardFact(forwarded, sender_domain, tenant, external)

@@ -527,6 +527,8 @@ def check_recipient(address: str, facts: SessionFacts, directory, *,
         if not directory.auto_forwarding(ftenant):
             # Exchange Online's automatic forwarding control: accepted, not forwarded,
             # and an external, non-null sender is told so by DSN (5.7.520).
+            # The DSN goes to an external, non-null sender; whether it is sent at all is
+            # decided later, once SPF/DKIM have vouched for that sender (never backscatter).
             sender_domain = mail_from.rpartition("@")[2].rstrip(".").lower() if mail_from else ""
             tell = bool(mail_from) and not directory.is_accepted(ftenant, sender_domain)
             expanded = (Recipient(given, notify if tell else ("NEVER",), orcpt or f"rfc822;{given}", original=given,

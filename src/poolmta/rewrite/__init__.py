@@ -98,7 +98,7 @@ class Rewriter:
         # Sign only what the tenant itself submitted (AUTH or its connector), for a From:
         # domain of that tenant: mail from the internet to a forwarding address may claim
         # our From: domain, and our key must never vouch for it.
-        submitted = bool(msg.origin.auth_user or msg.origin.connector)
+        submitted = self.directory.submitted_by_tenant(msg.origin.auth_user, msg.origin.client_ip)
         if self.cfg.dkim.sign and submitted and msg.origin.tenant:
             d = dkim.signing_domain(content, self.directory.accepted_by_tenant.get(msg.origin.tenant, ()))
             if d:

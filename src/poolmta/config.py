@@ -229,6 +229,10 @@ class SrsConfig:
     max_age: float = field(default=21 * 86400.0, metadata=_doc(
         "How long a rewritten address stays valid for bounces (days).", parse=parse_duration))
     hash_length: int = field(default=4, metadata=_doc("Characters of the HMAC kept in the address."))
+    keep_foreign_srs1: bool = field(default=False, metadata=_doc(
+        "Re-sign a foreign SRS1 sender keeping its first hop, as libsrs2/postsrsd do. Off by default: that"
+        " hop is unauthenticated and SRS1 never expires, so bounces could be relayed to it for ever; off, a"
+        " foreign SRS1 is wrapped as our own timestamped SRS0."))
     hash_alphabet: str = field(default="base64url", metadata=_doc(
         "Alphabet of the hash we mint: \"base64url\" (postsrsd 2.x) or \"base64\" (libsrs2, postsrsd 1.x);"
         " both are accepted on the way back."))

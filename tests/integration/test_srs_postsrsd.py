@@ -183,7 +183,8 @@ def postsrsd(tmp_path_factory):
 
 
 def ours(alphabet: str = "base64", clock=None, secrets=SECRETS) -> SRS:
-    return SRS(DOMAIN, secrets, clock=clock or SystemClock(), hash_alphabet=alphabet)
+    return SRS(DOMAIN, secrets, clock=clock or SystemClock(), hash_alphabet=alphabet,
+               keep_foreign_srs1=True)    # postsrsd re-signs foreign SRS1 (libsrs2)
 
 
 def same_day(fn):

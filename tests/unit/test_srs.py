@@ -37,7 +37,8 @@ ERROR_KINDS = [
 
 def vector_srs(alphabet: str = "base64url", now: float | None = None) -> SRS:
     return SRS(P["local_domain"], [P["secret"]], clock=FakeClock(P["now_unix"] if now is None else now),
-               hash_length=P["hash_length"], max_age=P["max_age_days"] * DAY, hash_alphabet=alphabet)
+               hash_length=P["hash_length"], max_age=P["max_age_days"] * DAY, hash_alphabet=alphabet,
+               keep_foreign_srs1=True)          # the vectors are libsrs2/postsrsd behaviour
 
 
 def error_kind(description: str) -> type[SRSError]:
@@ -277,7 +278,7 @@ def test_srs1_round_trip_over_three_hops():
     clock = FakeClock(D0 + 3600)
     a = SRS("a.example", ["secret-of-hop-a-12345"], clock=clock)
     b = SRS("b.example", ["secret-of-hop-b-12345"], clock=clock)
-    c = SRS("c.example", ["secret-of-hop-c-12345"], clock=clock)
+    c = SRS("c.example", ["secret-of-hop-c-12345"], clock=clock, keep_foreign_srs1=True)
     s0 = a.forward("Alice@Sender.example")
     assert s0.startswith("SRS0=") and s0.endswith("=sender.example=Alice@a.example".replace("sender", "Sender"))
     s1 = b.forward(s0)
@@ -474,3 +475,18 @@ def test_errors_carry_their_reason():
     with pytest.raises(SRSError) as e:
         srs.reverse("SRS0=FAKE=2V=otherdomain.com=test@example.com")
     assert e.value.reason == str(e.value) == "hash invalid in SRS address"
+
+
+def test_foreign_srs1_is_wrapped_by_default_so_it_expires():
+    """An attacker's SRS1 naming a victim as first hop must not become a bounce
+    relay to that victim: by default it is wrapped as our own SRS0 (timestamped),
+    whose bounce goes back to the SRS1 address itself and expires."""
+    clock = FakeClock(D0 + 3600)
+    srs = SRS("fwd.example", ["s3cret-for-the-window"], clock=clock)
+    sender = "SRS1=abcd=victim.example==anything@attacker.example"
+    wrapped = srs.forward(sender)
+    assert wrapped.startswith("SRS0=") and "victim.example==" not in wrapped.split("@")[0][:40]
+    assert srs.reverse(wrapped) == sender
+    clock.advance(23 * DAY)
+    with pytest.raises(SRSExpired):
+        srs.reverse(wrapped)

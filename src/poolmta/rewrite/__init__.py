@@ -32,6 +32,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
+
+import dkim as dkimpy
 
 from ..assess.inbound_auth import strip_our_authres
 from ..config import Config
@@ -41,6 +44,22 @@ from .headers import delivered_to, received
 from .srs import SRS, SRSError
 
 log = logging.getLogger("poolmta.rewrite")
+
+
+MAX_ARC_SETS_VALIDATED = 10     # a longer incoming chain is sealed as cv=fail without DNS
+
+
+def _bounded(dnsfunc, budget: float):
+    """A dkimpy dnsfunc whose lookups together take at most BUDGET seconds: an
+    attacker's long ARC chain cannot hold a thread (and the 250) for minutes."""
+    end = time.monotonic() + budget
+
+    def lookup(name, timeout=5):
+        left = end - time.monotonic()
+        if left <= 0:
+            raise dkimpy.DnsTimeoutError("ARC chain validation ran out of time")
+        return dnsfunc(name, timeout=min(timeout, left))
+    return lookup
 
 
 class Rewriter:
@@ -87,8 +106,14 @@ class Rewriter:
                 if isinstance(key, keys.KeyProblem):
                     notes["arc_problem"] = str(key)
                 else:
+                    # Validating the incoming chain asks DNS (blocking, in the thread): bound the
+                    # whole of it, and do not even try a chain longer than anyone honest builds.
+                    sets = content.split(b"\r\n\r\n", 1)[0].lower().count(b"\narc-seal:") + \
+                        content[:9].lower().startswith(b"arc-seal:")
+                    cv = "fail" if sets > MAX_ARC_SETS_VALIDATED else None
                     sealed = await asyncio.to_thread(arc.seal, content, arc_domain, key, ia.authres,
-                                                     self.authserv_id, self.clock.now(), dnsfunc=self._dnsfunc)
+                                                     self.authserv_id, self.clock.now(), cv=cv,
+                                                     dnsfunc=_bounded(self._dnsfunc, self.cfg.auth.spf_timeout))
                     if isinstance(sealed, arc.SealProblem):
                         notes["arc_problem"] = str(sealed)
                     else:

@@ -203,7 +203,7 @@ class SRS:
 
     def __init__(self, domain: str, secrets: Iterable[str], *, clock: Clock, format: str = "srs",
                  max_age: float = 21 * DAY, hash_length: int = 4, hash_alphabet: str = "base64url",
-                 skew_days: int = 1, exclude_domains: Iterable[str] = ()):
+                 skew_days: int = 1, exclude_domains: Iterable[str] = (), keep_foreign_srs1: bool = False):
         self.domain = domain.strip().rstrip(".").lower()
         self.secrets = tuple(s.encode("utf-8") for s in secrets if s)
         if not self.domain:
@@ -227,13 +227,20 @@ class SRS:
         self.hash_alphabet = hash_alphabet
         self.skew_days = skew_days
         self.exclude = frozenset(d.strip().rstrip(".").lower() for d in exclude_domains if d.strip())
+        # libsrs2 re-signs a foreign SRS1 keeping its first hop. That hop was never
+        # authenticated (only the SRS1 sender's own domain was), and SRS1 carries no
+        # timestamp: an attacker could mint SRS1=…=victim==anything and have us relay
+        # bounces to SRS0anything@victim for ever. By default a foreign SRS1 is wrapped
+        # as our own SRS0 instead (timestamped; its bounce goes back to the domain that
+        # authenticated). keep_foreign_srs1=True restores libsrs2/postsrsd behaviour.
+        self.keep_foreign_srs1 = keep_foreign_srs1
 
     @classmethod
     def from_config(cls, cfg, clock: Clock, *, exclude_domains: Iterable[str] = ()) -> "SRS":
         """From ``Config.srs`` (an SrsConfig)."""
         return cls(cfg.domain, cfg.secrets, clock=clock, format=cfg.format, max_age=cfg.max_age,
                    hash_length=cfg.hash_length, hash_alphabet=getattr(cfg, "hash_alphabet", "base64url"),
-                   exclude_domains=exclude_domains)
+                   exclude_domains=exclude_domains, keep_foreign_srs1=getattr(cfg, "keep_foreign_srs1", False))
 
     # ---- primitives ---------------------------------------------------------------
 
@@ -312,7 +319,7 @@ class SRS:
             return address
         if _is_tagged(local, "srs1"):
             parts = local[5:].split("=", 2)     # hash, first hop, opaque (which keeps its separator)
-            if len(parts) == 3 and parts[1] and parts[2]:
+            if self.keep_foreign_srs1 and len(parts) == 3 and parts[1] and parts[2]:
                 return self._srs1(parts[1], parts[2])
             # A malformed foreign SRS1 is just a local part to us: wrapped as SRS0 below,
             # so its bounce still comes back to it (libsrs2 would refuse to rewrite it).

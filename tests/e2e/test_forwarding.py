@@ -63,7 +63,7 @@ def test_spf_pass_forward_stays_normal_with_srs(world):
     assert b"ARC-Seal: i=1;" in head and b"cv=none" in head
     s = summary(world, qid, lambda s: s.get("delivered") == 1)
     assert s["routed"] == "normal" and s["reasons"] == ["forward-authenticated"]
-    world.srs_from_spf_pass = m.mail_from
+    assert SRS_reverse(world, m.mail_from) == "someone@external.test"
 
 
 def test_our_arc_seal_verifies(world):
@@ -120,8 +120,11 @@ def test_skip_listing_finds_the_original_client(world, connector_ip, pool, reaso
 
 
 def test_bounce_to_srs_address_reaches_the_original_sender_from_high_risk(world):
-    srs_addr = getattr(world, "srs_from_spf_pass", None)
-    assert srs_addr, "needs test_spf_pass_forward_stays_normal_with_srs first"
+    from poolmta import config
+    from poolmta.clock import SystemClock
+    from poolmta.rewrite.srs import SRS
+    srs = SRS.from_config(config.load(world.config_path).srs, SystemClock())
+    srs_addr = srs.forward("someone@external.test")              # what the gateway mints for this sender
     bounce = (b"From: MAILER-DAEMON@partner.test\r\nTo: " + srs_addr.encode() + b"\r\n"
               b"Subject: Undelivered Mail Returned to Sender (srs)\r\n\r\nyour mail bounced\r\n")
     qid = world.send(bounce, "", [srs_addr], client_ip="127.0.0.53")
@@ -183,3 +186,10 @@ def test_filter_connector_mail_claiming_our_domain_is_not_signed(world):
     assert m.peer == RELAY
     assert b"DKIM-Signature" not in m.content.split(b"\r\n\r\n")[0]
     assert summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["relay-unauthenticated"]
+
+
+def SRS_reverse(world, address: str) -> str:
+    from poolmta import config
+    from poolmta.clock import SystemClock
+    from poolmta.rewrite.srs import SRS
+    return SRS.from_config(config.load(world.config_path).srs, SystemClock()).reverse(address)

@@ -1,0 +1,242 @@
+"""state.sqlite - sender state for one node: one SQLite file in WAL mode
+
+The default ``SenderState``: sliding-window counters, restrictions and
+releases in ``DATA_DIR/state.db``. Every operation runs on one worker thread
+that owns the connection, so the event loop never waits on the disk; a
+caller awaits the result.
+
+Counters are rows (key, ts, amount). ``add`` is one transaction opened with
+BEGIN IMMEDIATE: it takes the database's write lock before it reads, then
+sums the window, inserts the event and prunes the key's events older than
+the retention, and commits. Another process writing the same file (a second
+gateway on the host, the CLI) waits for the lock (busy_timeout), so of
+several adds exactly one sees the total cross a limit. The window is
+``ts > since AND ts <= now``: an event at exactly ``since`` is out, one at
+exactly ``now`` is in. Timestamps are stored as REAL, the caller's float
+bit for bit, so the boundaries hold to the last bit.
+
+Restrictions are one row per (kind, sender), in force while ``until`` is
+NULL or later than now (restricted at until-ε, free at until). ``restrict``
+and ``release`` check and change the row in one BEGIN IMMEDIATE transaction.
+Releases are kept as a history (who, when); ``released_on_day`` looks for a
+release within NOW's UTC day. Senders of kind "user" are addresses and are
+lower-cased on the way in, so every method compares them case-insensitively;
+connector names are kept as given.
+
+Durability: counter transactions run with synchronous=NORMAL (in WAL mode a
+crash of the process loses nothing; a power failure may lose the last
+counts before a checkpoint, which only lets a sender send a little more).
+Restrictions and releases run with synchronous=FULL: when ``restrict`` or
+``release`` returns, the change is on disk.
+
+TRUST: keys and senders are our own strings (addresses already parsed by
+ingress); every value is bound as a parameter, never formatted into SQL.
+
+STANDARDS: none (SQLite's WAL and locking: https://sqlite.org/wal.html,
+https://sqlite.org/lang_transaction.html).
+
+CONFIG: server.data_dir, state.backend = "sqlite"
+
+SEE ALSO: state/__init__.py (the protocol), state/redis.py (several nodes),
+state/open.py (the factory), spool/sqlite.py (the same house rules)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from . import Release, Restriction, utc_day_start
+
+RETENTION = 25 * 3600.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events(
+    key    TEXT NOT NULL,
+    ts     REAL NOT NULL,
+    amount INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_window ON events(key, ts, amount);     -- covers the sums
+CREATE TABLE IF NOT EXISTS restrictions(
+    kind   TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    since  REAL NOT NULL,
+    until  REAL,
+    reason TEXT NOT NULL,
+    tenant TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY(kind, sender)
+);
+CREATE TABLE IF NOT EXISTS releases(
+    id     INTEGER PRIMARY KEY,
+    kind   TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    at     REAL NOT NULL,
+    by     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS releases_sender ON releases(kind, sender, at);
+"""
+
+
+def norm_sender(kind: str, sender: str) -> str:
+    """Addresses compare case-insensitively; connector names as given."""
+    return sender.lower() if kind == "user" else sender
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    con.execute("PRAGMA busy_timeout=30000")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    return con
+
+
+def _in_force(until: float | None, now: float) -> bool:
+    return until is None or now < until
+
+
+class SQLiteState:
+    """The SenderState protocol on one SQLite file (``DATA_DIR/state.db``)."""
+
+    def __init__(self, path: str | os.PathLike, retention: float = RETENTION):
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self.path = str(p)
+        self.retention = float(retention)
+        self._con = _connect(self.path)
+        self._con.executescript(SCHEMA)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-sqlite")
+        self._closed = False
+
+    # -- plumbing --------------------------------------------------------
+    async def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._closed:
+            raise RuntimeError("sender state is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, self._con)
+
+    @staticmethod
+    def _tx(con: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], durable: bool = False) -> Any:
+        """Run FN in one BEGIN IMMEDIATE transaction (FULL sync when DURABLE)."""
+        if durable:
+            con.execute("PRAGMA synchronous=FULL")
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                r = fn(con)
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+            return r
+        finally:
+            if durable:
+                con.execute("PRAGMA synchronous=NORMAL")
+
+    # -- counters --------------------------------------------------------
+    async def add(self, key: str, amount: int, now: float, since: float) -> tuple[int, int]:
+        if amount < 0:
+            raise ValueError(f"amount must not be negative: {amount}")
+        now, since = float(now), float(since)
+        cutoff = min(since, now - self.retention)
+
+        def op(con: sqlite3.Connection) -> tuple[int, int]:
+            before = con.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE key=? AND ts>? AND ts<=?",
+                                 (key, since, now)).fetchone()[0]
+            if amount:
+                con.execute("INSERT INTO events(key, ts, amount) VALUES(?,?,?)", (key, now, amount))
+            con.execute("DELETE FROM events WHERE key=? AND ts<?", (key, cutoff))
+            # The new event is at NOW: inside (since, now] unless the window is empty.
+            return before, before + amount if since < now else before
+
+        return await self._run(lambda con: self._tx(con, op))
+
+    async def count(self, key: str, now: float, since: float) -> int:
+        def op(con: sqlite3.Connection) -> int:
+            return con.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE key=? AND ts>? AND ts<=?",
+                               (key, float(since), float(now))).fetchone()[0]
+        return await self._run(op)
+
+    # -- restrictions ----------------------------------------------------
+    async def restrict(self, r: Restriction) -> bool:
+        if r.until is not None and r.until <= r.since:
+            raise ValueError(f"restriction of {r.sender} ends ({r.until}) before it starts ({r.since})")
+        sender = norm_sender(r.kind, r.sender)
+
+        def op(con: sqlite3.Connection) -> bool:
+            row = con.execute("SELECT until FROM restrictions WHERE kind=? AND sender=?", (r.kind, sender)).fetchone()
+            if row is not None and _in_force(row[0], r.since):
+                return False
+            con.execute("INSERT OR REPLACE INTO restrictions(kind, sender, since, until, reason, tenant)"
+                        " VALUES(?,?,?,?,?,?)", (r.kind, sender, float(r.since),
+                                                 None if r.until is None else float(r.until), r.reason, r.tenant))
+            return True
+
+        return await self._run(lambda con: self._tx(con, op, durable=True))
+
+    async def restriction(self, kind: str, sender: str, now: float) -> Restriction | None:
+        sender = norm_sender(kind, sender)
+
+        def op(con: sqlite3.Connection) -> Restriction | None:
+            row = con.execute("SELECT since, until, reason, tenant FROM restrictions WHERE kind=? AND sender=?"
+                              " AND (until IS NULL OR until>?)", (kind, sender, float(now))).fetchone()
+            return None if row is None else Restriction(kind, sender, row[0], row[1], row[2], row[3])
+
+        return await self._run(op)
+
+    async def release(self, kind: str, sender: str, now: float, by: str) -> bool:
+        sender = norm_sender(kind, sender)
+
+        def op(con: sqlite3.Connection) -> bool:
+            row = con.execute("SELECT until FROM restrictions WHERE kind=? AND sender=?", (kind, sender)).fetchone()
+            if row is None:
+                return False
+            con.execute("DELETE FROM restrictions WHERE kind=? AND sender=?", (kind, sender))
+            if not _in_force(row[0], now):
+                return False                 # it had ended already: nothing lifted
+            con.execute("INSERT INTO releases(kind, sender, at, by) VALUES(?,?,?,?)", (kind, sender, float(now), by))
+            return True
+
+        return await self._run(lambda con: self._tx(con, op, durable=True))
+
+    async def released_on_day(self, kind: str, sender: str, now: float) -> bool:
+        sender = norm_sender(kind, sender)
+        day = utc_day_start(now)
+
+        def op(con: sqlite3.Connection) -> bool:
+            return con.execute("SELECT 1 FROM releases WHERE kind=? AND sender=? AND at>=? AND at<? LIMIT 1",
+                               (kind, sender, day, day + 86400.0)).fetchone() is not None
+
+        return await self._run(op)
+
+    async def last_release(self, kind: str, sender: str) -> Release | None:
+        """The latest release of the sender (who and when), if any."""
+        sender = norm_sender(kind, sender)
+
+        def op(con: sqlite3.Connection) -> Release | None:
+            row = con.execute("SELECT at, by FROM releases WHERE kind=? AND sender=? ORDER BY at DESC, id DESC LIMIT 1",
+                              (kind, sender)).fetchone()
+            return None if row is None else Release(kind, sender, row[0], row[1])
+
+        return await self._run(op)
+
+    async def restrictions(self, now: float) -> list[Restriction]:
+        def op(con: sqlite3.Connection) -> list[Restriction]:
+            rows = con.execute("SELECT kind, sender, since, until, reason, tenant FROM restrictions"
+                               " WHERE until IS NULL OR until>? ORDER BY since, kind, sender", (float(now),))
+            return [Restriction(*row) for row in rows]
+
+        return await self._run(op)
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be read (for `serve` to fail early)."""
+        await self._run(lambda con: con.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._con.close)
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,490 @@
+"""Sender state on a real SQLite file and the real Redis on 127.0.0.1:6379, the same
+cases over both: window edges (hour, rolling 24 h, UTC day) with explicit clocks,
+restrictions and releases at their edges, two nodes sharing one state, and two OS
+processes adding at once (exactly one sees the limit crossed, the total is exact).
+
+Redis must be running (CI starts it): when it is not, these tests fail, they do not
+skip. Each test uses its own key prefix and deletes its keys afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from poolmta import config
+from poolmta.state import Release, Restriction, utc_day_start
+from poolmta.state.open import open_state
+from poolmta.state.redis import RedisState
+from poolmta.state.sqlite import SQLiteState
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+ROOT = Path(__file__).resolve().parents[2]
+
+T0 = 1_800_000_000.0                  # 2027-01-15 08:00:00 UTC
+D = utc_day_start(T0)                 # that day, 00:00:00 UTC
+HOUR, DAY = 3600.0, 86400.0
+
+
+def before(x: float) -> float:
+    """The float just below x (x - ε, as close as a timestamp can get)."""
+    return math.nextafter(x, -math.inf)
+
+
+def _redis_or_fail() -> None:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as e:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({e}): the state tests need a real Redis "
+                    "(CI starts one; locally: redis-server --port 6379)", pytrace=False)
+
+
+def _delete_prefix(prefix: str) -> int:
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+    return len(keys)
+
+
+@pytest.fixture
+def redis_prefix():
+    _redis_or_fail()
+    prefix = f"poolmta-test:{uuid.uuid4().hex}:"
+    yield prefix
+    _delete_prefix(prefix)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def nodes(request, tmp_path):
+    """A factory of SenderState instances that share one state (one "node" each)."""
+    opened = []
+    if request.param == "redis":
+        _redis_or_fail()
+        prefix = f"poolmta-test:{uuid.uuid4().hex}:"
+
+        def make():
+            s = RedisState(REDIS_URL, prefix)
+            opened.append(s)
+            return s
+    else:
+        prefix = ""
+
+        def make():
+            s = SQLiteState(tmp_path / "state.db")
+            opened.append(s)
+            return s
+    make.backend = request.param
+    make.prefix = prefix
+    yield make
+    for s in opened:
+        await s.close()
+    if prefix:
+        _delete_prefix(prefix)
+
+
+@pytest.fixture
+def state(nodes):
+    return nodes()
+
+
+# ---- counters ------------------------------------------------------------
+
+async def test_add_returns_totals_before_and_after_with_amounts(state):
+    assert await state.add("k", 3, T0, T0 - HOUR) == (0, 3)
+    assert await state.add("k", 5, T0 + 1, T0 + 1 - HOUR) == (3, 8)
+    assert await state.add("k", 1, T0 + 2, T0 + 2 - HOUR) == (8, 9)
+    assert await state.count("k", T0 + 2, T0 + 2 - HOUR) == 9
+    assert await state.count("other", T0 + 2, T0 + 2 - HOUR) == 0
+    assert await state.add("other", 2, T0 + 2, T0 + 2 - HOUR) == (0, 2)
+    assert await state.add("k", 0, T0 + 3, T0 + 3 - HOUR) == (9, 9)        # 0: just count
+    with pytest.raises(ValueError):
+        await state.add("k", -1, T0 + 3, T0 + 3 - HOUR)
+
+
+async def test_events_at_the_same_instant_all_count(state):
+    for i in range(5):
+        assert await state.add("same", 2, T0, T0 - HOUR) == (2 * i, 2 * i + 2)
+    assert await state.count("same", T0, T0 - HOUR) == 10
+
+
+@pytest.mark.parametrize("window", [HOUR, DAY], ids=["hour", "rolling-24h"])
+async def test_sliding_window_edges(state, window):
+    await state.add("w", 2, T0, T0 - window)
+    await state.add("w", 3, T0 + 10, T0 + 10 - window)
+    # An event at exactly NOW is in; one after NOW is not (yet).
+    assert await state.count("w", T0, T0 - window) == 2
+    assert await state.count("w", before(T0), before(T0) - window) == 0
+    # Last instant the first event is inside: now - window < T0.
+    now = before(T0 + window)
+    assert now - window < T0
+    assert await state.count("w", now, now - window) == 5
+    # At T0 + window the window starts exactly at T0: the event at `since` is out.
+    assert await state.count("w", T0 + window, T0) == 3
+    assert await state.count("w", before(T0 + 10 + window), before(T0 + 10 + window) - window) == 3
+    assert await state.count("w", T0 + 10 + window, T0 + 10) == 0
+
+
+@pytest.mark.parametrize("window", [HOUR, DAY], ids=["hour", "rolling-24h"])
+async def test_add_sees_the_window_edges_too(state, window):
+    await state.add("a", 4, T0, T0 - window)
+    now = before(T0 + window)
+    assert await state.add("a", 1, now, now - window) == (4, 5)            # T0 still inside
+    assert await state.add("a", 1, T0 + window, T0) == (1, 2)               # T0 at `since`: out
+
+
+async def test_utc_day_window_edges(state):
+    # Yesterday 23:59:59, midnight exactly, just after, 23:59:59 today, next midnight.
+    events = [(D - 1, 1), (D, 2), (D + 0.5, 4), (D + DAY - 1, 8), (D + DAY, 16), (D + DAY + 0.5, 32)]
+    for ts, amount in events:
+        await state.add("day", amount, ts, utc_day_start(ts))
+    last = D + DAY - 1
+    assert utc_day_start(last) == D
+    # (since, now] with since = 00:00:00: the event at exactly midnight is at `since`, so out.
+    assert await state.count("day", last, utc_day_start(last)) == 4 + 8
+    assert await state.count("day", before(D + DAY), utc_day_start(before(D + DAY))) == 4 + 8
+    assert await state.count("day", D + 0.5, utc_day_start(D + 0.5)) == 4
+    # Yesterday's last instant still sees yesterday.
+    assert await state.count("day", before(D), utc_day_start(before(D))) == 1
+    # At the next midnight the day starts over.
+    assert await state.count("day", D + DAY, utc_day_start(D + DAY)) == 0
+    assert await state.count("day", D + DAY + 1, utc_day_start(D + DAY + 1)) == 32     # 16 at since: out
+
+
+async def test_add_at_exactly_since_adds_nothing_to_the_window(state):
+    # A window (since, now] with since == now is empty: even the new event is at `since`.
+    assert await state.add("mid", 3, D, utc_day_start(D)) == (0, 0)
+    assert await state.count("mid", D + 1, D - 1) == 3                      # but it is recorded
+
+
+async def test_old_events_are_pruned_after_the_retention(state):
+    await state.add("p", 1, T0, T0 - HOUR)
+    await state.add("p", 1, T0 + 24 * HOUR, T0)                              # 24 h later: T0 kept
+    assert await state.count("p", T0 + 24 * HOUR, T0 - 1) == 2
+    await state.add("p", 1, T0 + 26 * HOUR, T0 + 25 * HOUR)                  # > 25 h: T0 pruned
+    assert await state.count("p", T0 + 26 * HOUR, 0.0) == 2
+    # A window longer than the retention is never cut short by the add itself.
+    await state.add("q", 1, T0, T0 - HOUR)
+    assert await state.add("q", 1, T0 + 30 * HOUR, T0 - 1) == (1, 2)
+
+
+def _edges(rng, base):
+    """A timestamp on or next to a minute/hour edge, or anywhere, around BASE."""
+    x = base + rng.choice([rng.randrange(-30, 30) * 3600.0, rng.randrange(-600, 600) * 60.0,
+                           rng.uniform(-30 * 3600, 30 * 3600)])
+    return rng.choice([x, x, before(x), math.nextafter(x, math.inf), x + 0.5])
+
+
+async def test_windows_agree_with_a_plain_model_at_random_edges(state):
+    # Events and windows on and around minute and hour edges (where the Redis
+    # buckets split a window), checked against a brute-force sum.
+    rng = random.Random(4)
+    events: list[tuple[float, int]] = []
+    for i in range(300):
+        now = _edges(rng, T0)
+        since = rng.choice([now - HOUR, now - DAY, utc_day_start(now), _edges(rng, T0), now - rng.uniform(0, DAY)])
+        amount = rng.randrange(0, 5)
+        if rng.random() < 0.6:
+            before_, after = await state.add("m", amount, now, since)
+            expect = sum(a for t, a in events if since < t <= now)
+            assert (before_, after) == (expect, expect + (amount if since < now else 0)), (i, now, since)
+            events.append((now, amount))
+            horizon = min(since, now - 25 * HOUR)                 # the add prunes what is older
+            events = [(t, a) for t, a in events if t >= horizon]
+        else:
+            expect = sum(a for t, a in events if since < t <= now)
+            assert await state.count("m", now, since) == expect, (i, now, since)
+
+
+# ---- restrictions and releases ------------------------------------------
+
+def _r(sender="alice@contoso.test", since=D + 10, until=None, kind="user", reason="limit:recipient_limit_per_day"):
+    return Restriction(kind, sender, since, until, reason, "contoso")
+
+
+async def test_restriction_until_ends_exactly_at_until(state):
+    r = _r(until=D + DAY)
+    assert await state.restrict(r) is True
+    assert await state.restrict(dataclasses.replace(r, since=D + 20)) is False          # already restricted
+    assert await state.restrict(dataclasses.replace(r, since=before(D + DAY))) is False
+    assert await state.restriction("user", r.sender, before(D + DAY)) == r
+    assert await state.restrictions(before(D + DAY)) == [r]
+    assert await state.restriction("user", r.sender, D + DAY) is None
+    assert await state.restrictions(D + DAY) == []
+    # Ended: the sender can be restricted again, with the new terms.
+    again = _r(since=D + DAY, until=None, reason="spam-volume")
+    assert await state.restrict(again) is True
+    assert await state.restriction("user", r.sender, D + 10 * DAY) == again
+
+
+async def test_restriction_without_until_lasts_until_released(state):
+    r = _r()
+    assert await state.restrict(r) is True
+    assert await state.restriction("user", r.sender, D + 365 * DAY) == r
+    assert await state.last_release("user", r.sender) is None
+    at = D + 3 * HOUR
+    assert await state.release("user", r.sender, at, "admin@contoso.test") is True
+    assert await state.last_release("user", r.sender) == Release("user", r.sender, at, "admin@contoso.test")
+    assert await state.restriction("user", r.sender, at) is None
+    assert await state.restrictions(at) == []
+    assert await state.release("user", r.sender, at + 1, "admin@contoso.test") is False  # nothing to lift
+    assert await state.last_release("user", r.sender) == Release("user", r.sender, at, "admin@contoso.test")
+    assert await state.release("user", "nobody@contoso.test", at, "admin") is False
+
+
+async def test_release_after_until_lifts_nothing(state):
+    r = _r(until=D + HOUR)
+    assert await state.restrict(r)
+    assert await state.release("user", r.sender, D + HOUR, "admin") is False
+    assert await state.last_release("user", r.sender) is None
+    assert await state.released_on_day("user", r.sender, D + HOUR) is False
+
+
+async def test_restriction_must_end_after_it_starts(state):
+    with pytest.raises(ValueError):
+        await state.restrict(_r(since=D + 10, until=D + 10))
+
+
+@pytest.mark.parametrize("at", [D + DAY - 1, D], ids=["23:59:59", "00:00:00"])
+async def test_released_on_day_ends_at_utc_midnight(state, at):
+    r = _r(since=D - HOUR)
+    await state.restrict(r)
+    assert await state.release("user", r.sender, at, "admin") is True
+    assert await state.released_on_day("user", r.sender, at) is True
+    assert await state.released_on_day("user", r.sender, D) is True
+    assert await state.released_on_day("user", r.sender, D + DAY - 1) is True       # 23:59:59
+    assert await state.released_on_day("user", r.sender, before(D + DAY)) is True
+    assert await state.released_on_day("user", r.sender, D + DAY) is False          # 00:00:00 next day
+    assert await state.released_on_day("user", r.sender, before(D)) is False        # the day before
+    assert await state.released_on_day("user", "other@contoso.test", at) is False
+
+
+async def test_user_senders_compare_case_insensitively(state):
+    assert await state.restrict(_r(sender="Alice@Contoso.TEST"))
+    got = await state.restriction("user", "alice@contoso.test", D + 20)
+    assert got is not None and got.sender == "alice@contoso.test"
+    assert await state.restrict(_r(sender="ALICE@contoso.test", since=D + 30)) is False
+    assert [x.sender for x in await state.restrictions(D + 40)] == ["alice@contoso.test"]
+    assert await state.release("user", "aLiCe@CONTOSO.test", D + 50, "admin") is True
+    assert await state.released_on_day("user", "ALICE@CONTOSO.TEST", D + 60) is True
+    assert (await state.last_release("user", "Alice@contoso.test")).sender == "alice@contoso.test"
+
+
+async def test_kinds_are_separate_and_connector_names_kept_as_given(state):
+    c = _r(kind="connector", sender="OnPrem-1", reason="spam-volume")
+    assert await state.restrict(c)
+    assert await state.restriction("user", "OnPrem-1", D + 20) is None
+    assert await state.restriction("connector", "OnPrem-1", D + 20) == c
+    assert await state.restriction("connector", "onprem-1", D + 20) is None
+    u = _r(sender="onprem-1")
+    assert await state.restrict(u)
+    assert await state.restrictions(D + 20) == sorted([c, u], key=lambda x: (x.since, x.kind, x.sender))
+    assert await state.release("connector", "OnPrem-1", D + 30, "ops") is True
+    assert await state.restrictions(D + 40) == [u]
+    assert await state.released_on_day("user", "onprem-1", D + 40) is False
+
+
+async def test_two_nodes_share_counters_restrictions_and_releases(nodes):
+    a, b = nodes(), nodes()
+    assert await a.add("rcpt:bob", 4, T0, T0 - HOUR) == (0, 4)
+    assert await b.add("rcpt:bob", 2, T0 + 1, T0 + 1 - HOUR) == (4, 6)
+    assert await a.count("rcpt:bob", T0 + 2, T0 + 2 - HOUR) == 6
+    r = _r(sender="bob@contoso.test")
+    assert await a.restrict(r) is True
+    assert await b.restrict(r) is False
+    assert await b.restriction("user", "bob@contoso.test", D + 20) == r
+    assert await b.release("user", "bob@contoso.test", D + 30, "admin") is True
+    assert await a.restriction("user", "bob@contoso.test", D + 31) is None
+    assert await a.released_on_day("user", "bob@contoso.test", D + 31) is True
+
+
+# ---- two processes, one limit --------------------------------------------
+
+def _child() -> None:
+    """Worker process: N concurrent adds of 1 at the instant the parent names.
+
+    Prints {"start", "end", "results": [(before, after), ...]}."""
+    backend, target, key, n, now = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+
+    async def main():
+        s = RedisState(REDIS_URL, target) if backend == "redis" else SQLiteState(target)
+        try:
+            # Warm up before the race: open the connections (Redis) the adds will use.
+            await asyncio.gather(*(s.count(key, now, now - HOUR) for _ in range(n)))
+            print("ready", flush=True)
+            go = float(await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline))
+            await asyncio.sleep(max(0.0, go - time.time() - 0.005))
+            while time.time() < go:                       # both processes start within microseconds
+                pass
+            start = time.time()
+            results = await asyncio.gather(*(s.add(key, 1, now, now - HOUR) for _ in range(n)))
+            return {"start": start, "end": time.time(), "results": results}
+        finally:
+            await s.close()
+
+    print(json.dumps(asyncio.run(main())), flush=True)
+
+
+def _race(backend: str, target: str, key: str, per_process: int) -> tuple[list[tuple[int, int]], list[dict]]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    code = "from tests.integration.test_state import _child; _child()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, backend, target, key, str(per_process), repr(T0)],
+                              cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        go = time.time() + 0.2
+        for p in procs:
+            p.stdin.write(f"{go!r}\n")
+            p.stdin.flush()
+        runs = []
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+        return [tuple(x) for run in runs for x in run["results"]], runs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_two_processes_cross_a_limit_exactly_once(backend, tmp_path, request):
+    limit, n = 137, 200
+    if backend == "redis":
+        prefix = request.getfixturevalue("redis_prefix")
+        target = prefix
+    else:
+        target = str(tmp_path / "state.db")
+        SQLiteState(target)                               # schema before the race
+    results, runs = _race(backend, target, "rcpt:mallory", n // 2)
+    assert max(r["start"] for r in runs) < min(r["end"] for r in runs)    # the two really overlapped
+    assert len(results) == n
+    assert sorted(b for b, _ in results) == list(range(n))          # every add saw a distinct total
+    assert all(a == b + 1 for b, a in results)
+    crossings = [(b, a) for b, a in results if b <= limit < a]
+    assert crossings == [(limit, limit + 1)]
+
+    async def final():
+        s = RedisState(REDIS_URL, target) if backend == "redis" else SQLiteState(target)
+        try:
+            return await s.count("rcpt:mallory", T0, T0 - HOUR)
+        finally:
+            await s.close()
+
+    assert asyncio.run(final()) == n
+
+
+# ---- backend specifics ---------------------------------------------------
+
+async def test_sqlite_file_is_wal_and_a_held_lock_does_not_block_the_loop(tmp_path):
+    s = SQLiteState(tmp_path / "state.db")
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        other.execute("BEGIN IMMEDIATE")                  # another process holds the write lock
+        task = asyncio.create_task(s.add("k", 1, T0, T0 - HOUR))
+        ticks = 0
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 10 and not task.done()            # the loop ran; the add waits for the lock
+        other.execute("COMMIT")
+        assert await asyncio.wait_for(task, 10) == (0, 1)
+    finally:
+        other.close()
+        await s.close()
+
+
+async def test_sqlite_state_survives_reopening(tmp_path):
+    s = SQLiteState(tmp_path / "state.db")
+    await s.add("k", 7, T0, T0 - HOUR)
+    await s.restrict(_r())
+    await s.close()
+    s = SQLiteState(tmp_path / "state.db")
+    try:
+        assert await s.count("k", T0, T0 - HOUR) == 7
+        assert await s.restriction("user", "alice@contoso.test", D + 20) == _r()
+    finally:
+        await s.close()
+
+
+async def test_redis_keys_live_under_the_prefix_and_expire(redis_prefix):
+    s = RedisState(REDIS_URL, redis_prefix)
+    raw = aioredis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        await s.add("k", 2, T0, T0 - HOUR)
+        await s.restrict(_r(sender="timed@contoso.test", until=D + DAY))
+        await s.restrict(_r(sender="forever@contoso.test"))
+        await s.restrict(_r(sender="freed@contoso.test"))
+        await s.release("user", "freed@contoso.test", D + HOUR, "admin")
+        keys = sorted([k async for k in raw.scan_iter(match=redis_prefix + "*")])
+        p = redis_prefix
+        assert keys == sorted([f"{p}w:k", f"{p}b:k", f"{p}r:index", f"{p}r:user:timed@contoso.test",
+                               f"{p}r:user:forever@contoso.test", f"{p}rel:user:freed@contoso.test"])
+        ttl = {k[len(p):]: await raw.pttl(k) for k in keys}
+        assert 0 < ttl["w:k"] <= 25 * 3600 * 1000 and 0 < ttl["b:k"] <= 25 * 3600 * 1000
+        assert 0 < ttl["r:user:timed@contoso.test"] <= (DAY - 10 + 3600) * 1000
+        assert ttl["r:user:forever@contoso.test"] == -1                  # until released
+        assert ttl["r:index"] == -1
+        assert (DAY - HOUR) * 1000 < ttl["rel:user:freed@contoso.test"] <= (2 * DAY - HOUR) * 1000
+        # Members are unique per event and carry the amount.
+        (member,) = await raw.zrange(f"{p}w:k", 0, -1)
+        ts, uid, amount = member.split(":")
+        assert float(ts) == T0 and len(uid) == 32 and amount == "2"
+        assert await raw.hgetall(f"{p}b:k") == {f"3600:{int(T0 // 3600)}": "2", f"60:{int(T0 // 60)}": "2"}
+        # A restriction hash that expired leaves the index at the next listing.
+        await raw.delete(f"{p}r:user:timed@contoso.test")
+        assert [r.sender for r in await s.restrictions(D + 20)] == ["forever@contoso.test"]
+        assert await raw.smembers(f"{p}r:index") == {"user:forever@contoso.test"}
+    finally:
+        await raw.aclose()
+        await s.close()
+
+
+async def test_redis_unreachable_raises_connection_error():
+    s = RedisState("redis://127.0.0.1:1/0", "x:")
+    try:
+        with pytest.raises(redis.ConnectionError):
+            await s.ping()
+        with pytest.raises(redis.ConnectionError):
+            await s.add("k", 1, T0, T0 - HOUR)
+    finally:
+        await s.close()
+
+
+async def test_open_state_follows_the_config(tmp_path, redis_prefix):
+    base = config.load(None)
+    cfg = dataclasses.replace(base, server=dataclasses.replace(base.server, data_dir=str(tmp_path / "data")))
+    s = open_state(cfg)
+    try:
+        assert isinstance(s, SQLiteState) and s.path == str(tmp_path / "data" / "state.db")
+        assert await s.add("k", 1, T0, T0 - HOUR) == (0, 1)
+        assert (tmp_path / "data" / "state.db").exists()
+    finally:
+        await s.close()
+    cfg = dataclasses.replace(cfg, state=config.StateConfig(backend="redis", url=REDIS_URL, key_prefix=redis_prefix))
+    s = open_state(cfg)
+    try:
+        assert isinstance(s, RedisState) and s.prefix == redis_prefix
+        await s.ping()
+        assert await s.add("k", 1, T0, T0 - HOUR) == (0, 1)
+        assert redis.Redis.from_url(REDIS_URL).exists(f"{redis_prefix}w:k") == 1
+    finally:
+        await s.close()

@@ -458,6 +458,31 @@ async def test_redis_keys_live_under_the_prefix_and_expire(redis_prefix):
         await s.close()
 
 
+async def test_redis_buckets_always_match_the_sorted_set(redis_prefix):
+    # After adds and prunes at random edges, every hour/minute bucket holds exactly
+    # the sum of the members in it, and no empty bucket is left behind.
+    s = RedisState(REDIS_URL, redis_prefix)
+    raw = aioredis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        rng = random.Random(7)
+        for _ in range(400):
+            now = _edges(rng, T0 + rng.uniform(0, 40 * HOUR))
+            since = rng.choice([now - HOUR, now - DAY, utc_day_start(now)])
+            await s.add("inv", rng.randrange(1, 4), now, since)
+        members = await raw.zrange(f"{redis_prefix}w:inv", 0, -1, withscores=True)
+        want: dict[str, int] = {}
+        for m, ts in members:
+            for size in (3600, 60):
+                f = f"{size}:{math.floor(ts / size)}"
+                want[f] = want.get(f, 0) + int(m.rsplit(":", 1)[1])
+        got = {k: int(v) for k, v in (await raw.hgetall(f"{redis_prefix}b:inv")).items()}
+        assert got == want
+        assert min(ts for _, ts in members) >= min(since, now - 25 * HOUR)     # the last add pruned
+    finally:
+        await raw.aclose()
+        await s.close()
+
+
 async def test_redis_unreachable_raises_connection_error():
     s = RedisState("redis://127.0.0.1:1/0", "x:")
     try:
@@ -488,3 +513,5 @@ async def test_open_state_follows_the_config(tmp_path, redis_prefix):
         assert redis.Redis.from_url(REDIS_URL).exists(f"{redis_prefix}w:k") == 1
     finally:
         await s.close()
+    with pytest.raises(ValueError):
+        open_state(dataclasses.replace(cfg, state=config.StateConfig(backend="memcached")))

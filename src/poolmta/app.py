@@ -22,7 +22,9 @@ from .dns import make_resolver
 from .pipeline import Pipeline
 from .rewrite import Rewriter
 from .rewrite.srs import SRS
+from .assess.limits import Limits
 from .route import Policy
+from .state.open import open_state
 from .spool.sqlite import SQLiteSpool
 from .tenancy import Directory
 from .trace import Recorder
@@ -43,18 +45,24 @@ class Gateway:
         self.spool = SQLiteSpool(cfg.server.data_dir)
         self.trace = Recorder(self.clock, self.spool)
         self.srs = SRS.from_config(cfg.srs, self.clock) if cfg.srs.domain else None
-        self.pipeline = Pipeline(Context(self.resolver, self.directory, cfg.auth, cfg.server.hostname),
+        self.state = open_state(cfg)
+        self.limits = Limits(self.state, cfg, self.directory, self.clock)
+        self.pipeline = Pipeline(Context(self.resolver, self.directory, cfg.auth, cfg.server.hostname, cfg.spam,
+                                         self.limits),
                                  Policy(cfg.pool_for_role()), self.spool,
                                  self.trace, self.clock, cfg.server.hostname,
-                                 rewriter=Rewriter(cfg, self.directory, self.clock, self.srs))
+                                 rewriter=Rewriter(cfg, self.directory, self.clock, self.srs),
+                                 admins={n: t.admins for n, t in cfg.tenants.items()})
         self.scheduler = Scheduler(spool=self.spool, pipeline=self.pipeline, resolver=self.resolver,
                                    pools=cfg.pool_objects(), cfg=cfg.delivery, trace=self.trace, clock=self.clock,
                                    hostname=cfg.server.hostname, connector=connector)
         self.pipeline.on_queued = self.scheduler.wake
         self.pipeline.on_refused = self.scheduler.sweep_dsns_soon
-        self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock, self.srs)
+        self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock, self.srs, self.limits)
 
     async def start(self) -> None:
+        if hasattr(self.state, "ping"):
+            await self.state.ping()          # fail at start-up, not at the first message, when Redis is down
         await self.scheduler.start()
         await self.ingress.start()
         log.info("poolmta listening on %s (port %s), pools: %s", self.cfg.server.listen, self.ingress.port,
@@ -65,6 +73,7 @@ class Gateway:
         await self.ingress.stop()
         await self.scheduler.stop()
         await self.spool.close()
+        await self.state.close()
 
 
 async def serve(cfg: Config, ready=None) -> None:

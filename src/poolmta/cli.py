@@ -4,6 +4,7 @@
   poolmta config check FILE | config params | config defaults
   poolmta hash-password [--stdin]
   poolmta dkim keygen|rotate|show DOMAIN [--selector S] [--algorithm A]
+  poolmta senders list | release ADDRESS | restrict ADDRESS [--connector] [--until-released]
   poolmta route MESSAGE.eml --mail-from A --rcpt B [--rcpt C] [--client-ip IP] [--auth-user U] [--config F] [--json]
   poolmta route --rules
   poolmta trace [QUEUE-ID | --message-id ID | --sender A | --recipient B] [--json] [--config F]
@@ -190,6 +191,70 @@ def cmd_dkim(args) -> int:
     return 0
 
 
+# ---- senders -----------------------------------------------------------------
+
+def cmd_senders(args) -> int:
+    cfg = _load_config(args.config)
+    return asyncio.run(_senders(cfg, args))
+
+
+async def _senders(cfg, args) -> int:
+    """Restricted senders and connectors, in the state every node shares."""
+    from .state import Restriction, utc_day_start
+    from .state.open import open_state
+    state = open_state(cfg)
+    now, who = time.time(), getpass.getuser()
+    kind = "connector" if args.connector else "user"
+    try:
+        if args.action == "list":
+            rs = await state.restrictions(now)
+            if args.json:
+                print(json.dumps([dataclasses.asdict(r) for r in rs], indent=2))
+                return 0
+            for r in rs:
+                until = "until released" if r.until is None else f"until {_fmt_ts(r.until)}"
+                print(f"{r.kind:<9} {r.sender:<40} {until:<32} since {_fmt_ts(r.since)}  {r.reason}"
+                      + (f"  tenant {r.tenant}" if r.tenant else ""))
+            print(f"-- {len(rs)} restricted (state: {cfg.state.backend})")
+            return 0
+        if not args.sender:
+            print(f"poolmta senders {args.action}: name the sender (an address, or a connector with --connector)",
+                  file=sys.stderr)
+            return 2
+        sender = args.sender.lower() if kind == "user" else args.sender
+        if args.action == "release":
+            if not await state.release(kind, sender, now, who):
+                print(f"poolmta: {kind} {sender} is not restricted", file=sys.stderr)
+                return 1
+            _audit(cfg, sender, "sender-released", kind=kind, by=who)
+            print(f"released {kind} {sender} (by {who}); it will not be restricted again today (UTC)")
+            return 0
+        if args.action == "restrict":
+            until = None if args.until_released else utc_day_start(now) + 86400
+            ok = await state.restrict(Restriction(kind, sender, now, until, f"administrator ({who})"))
+            _audit(cfg, sender, "sender-action", kind=kind, actions=["restricted:administrator"], by=who)
+            print(f"restricted {kind} {sender} " + ("until released" if until is None else "until the end of the UTC day")
+                  if ok else f"{kind} {sender} was already restricted")
+            return 0
+        return 2
+    finally:
+        await state.close()
+
+
+def _audit(cfg, sender: str, event: str, **data) -> None:
+    """Record an administrator's action in the trace (queue id "sender:ADDRESS")."""
+    from pathlib import Path as _P
+    import sqlite3
+    db = _P(cfg.server.data_dir) / "spool.db"
+    if not db.exists():
+        return
+    con = sqlite3.connect(db, timeout=30)
+    with con:
+        con.execute("INSERT INTO events(queue_id, ts, kind, data) VALUES (?,?,?,?)",
+                    (f"sender:{sender}", time.time(), event, json.dumps(data)))
+    con.close()
+
+
 # ---- route ---------------------------------------------------------------------
 
 def cmd_route(args) -> int:
@@ -210,7 +275,7 @@ def cmd_route(args) -> int:
     print(f"pool:     {result['decision']['pool']} ({result['decision']['role']})")
     print("reasons:")
     for r in result["decision"]["reasons"]:
-        print(f"  - {r}: {Reason(r).doc}")
+        print(f"  - {r}: {Reason(r.split(':')[0]).doc}")
     if result["decision"]["recheck"]:
         print(f"recheck before delivery: {', '.join(result['decision']['recheck'])}")
     print(f"tenant:   {result['origin']['tenant'] or '(none)'}")
@@ -423,6 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hash-password", help="hash a password for tenants.*.users[].password_hash")
     h.add_argument("--stdin", action="store_true", help="read the password from standard input")
     h.set_defaults(fn=cmd_hash_password)
+
+    sd = sub.add_parser("senders", help="restricted senders: list, release, restrict",
+                        description="Senders (and connectors) restricted by sending limits, spam volume or an"
+                                    " administrator, in the state shared by every node ([state]).")
+    sd.add_argument("action", choices=["list", "release", "restrict"])
+    sd.add_argument("sender", nargs="?", help="an address, or a connector name with --connector")
+    sd.add_argument("--connector", action="store_true", help="the sender is a connector name")
+    sd.add_argument("--until-released", action="store_true", help="with restrict: until released (default: today)")
+    sd.add_argument("--json", action="store_true")
+    sd.add_argument("--config")
+    sd.set_defaults(fn=cmd_senders)
 
     k = sub.add_parser("dkim", help="DKIM signing keys: keygen, rotate, show",
                        description="Keys live in dkim.key_dir (default DATA_DIR/dkim): DOMAIN/SELECTOR.key and"

@@ -11,22 +11,36 @@ SEE ALSO: DESIGN.md §2, app.py (builds the stages), ingress/handler.py, dsn/bui
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from .assess import Context, assess
 from .assess.source_domain import check_domain
 from .clock import Clock
 from .model import Decision, Facts, Message
+from .replies import R451_471_SPAM_CHECK_UNAVAILABLE, Reply
 from .rewrite.headers import delivered_to, received
 from .route import Policy, route
 from .spool import Spool
 from .trace import EventKind, Recorder
 
+log = logging.getLogger("poolmta.pipeline")
+
+
+class DeferMessage(Exception):
+    """The message cannot be taken now (e.g. the spam engine is down and the tenant
+    says defer): ingress answers with ``reply`` (4xx) and the client retries."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
 
 class Pipeline:
     def __init__(self, ctx: Context, policy: Policy, spool: Spool, trace: Recorder, clock: Clock, hostname: str,
-                 on_queued=None, on_refused=None, rewriter=None):
+                 on_queued=None, on_refused=None, rewriter=None, admins=None):
         self.ctx, self.policy, self.spool, self.trace = ctx, policy, spool, trace
         self.rewriter = rewriter                            # rewrite.Rewriter: SRS, ARC, DKIM, trace headers
+        self.admins: dict[str, tuple[str, ...]] = admins or {}   # tenant -> alert recipients
         self.clock, self.hostname = clock, hostname
         self.on_queued = on_queued or (lambda: None)        # new work for deliver
         self.on_refused = on_refused or (lambda: None)      # recipients final at accept: a DSN to make
@@ -43,6 +57,9 @@ class Pipeline:
                           connector=o.connector, tenant=o.tenant, origin=o.kind, size=len(msg.content),
                           mail_from=env.mail_from, rcpt=[r.address for r in env.recipients])
         facts, decision = await self.decide(msg)
+        if facts.spam.failed and facts.spam.on_failure == "defer":
+            self.trace.record(msg.queue_id, EventKind.ASSESSED, **facts.to_dict())
+            raise DeferMessage(R451_471_SPAM_CHECK_UNAVAILABLE)
         msg = self._settle_refused(msg, facts)
         self.trace.record(msg.queue_id, EventKind.ASSESSED, **facts.to_dict())
         self.trace.record(msg.queue_id, EventKind.ROUTED, **decision.to_dict())
@@ -60,7 +77,25 @@ class Pipeline:
         self.on_queued()
         if refused:
             self.on_refused()
+        if self.ctx.limits is not None and (facts.limits.exceeded or facts.spam.is_spam):
+            done = await self.ctx.limits.after_accept(msg, facts, self._send_alert)
+            if done:
+                self.trace.record(msg.queue_id, EventKind.SENDER_ACTION, actions=done, sender=facts.limits.sender)
         return decision
+
+    async def _send_alert(self, tenant: str, subject: str, body: str) -> None:
+        """An alert to the tenant's admins: a real message through this pipeline."""
+        from .assess.limits import alert_message
+        from .spool import new_queue_id
+        admins = self.admins.get(tenant, ())
+        if not admins:
+            log.warning("alert for tenant %s has no admins to go to: %s", tenant, subject)
+            return
+        try:
+            await self.accept(alert_message(self.hostname, tenant, admins, subject, body, self.clock.now(),
+                                            new_queue_id()))
+        except Exception:
+            log.exception("could not queue the alert %r", subject)
 
     def _settle_refused(self, msg: Message, facts: Facts) -> Message:
         """Recipients refused at accept (forwarding disabled) are reported by DSN only to

@@ -84,6 +84,10 @@ R554_546_FORWARD_LOOP = Reply(554, "5.4.6", "Mail forwarding loop: this message 
 R550_57520_FORWARDING_DISABLED = Reply(550, "5.7.520", "Access denied, Your organization does not allow external forwarding")
 R550_511_BAD_SRS = Reply(550, "5.1.1", "Recipient address rejected: not a valid SRS address of ours")
 
+R451_471_SPAM_CHECK_UNAVAILABLE = Reply(451, "4.7.1", "Content check temporarily unavailable, try again later")
+R550_57711_CONNECTOR_RESTRICTED = Reply(550, "5.7.711", "Access denied, bad outbound sender: this connector is restricted")
+R550_57233_TENANT_EXTERNAL_LIMIT = Reply(550, "5.7.233", "Your organization has exceeded its external recipient limit; external sending is refused")
+
 # Delivery outcomes that poolmta itself produces (they appear in DSNs).
 R550_5110_NULL_MX = Reply(550, "5.1.10", "Recipient domain publishes a null MX and accepts no mail")
 R550_512_NO_SUCH_DOMAIN = Reply(550, "5.1.2", "Recipient domain does not exist in DNS")

@@ -36,6 +36,7 @@ PASSWORD = "correct horse"
 ZONE = {
     "contoso.test": {"MX": [(10, "mx.contoso.test")], "A": ["127.0.0.21"]},
     "mx.contoso.test": {"A": ["127.0.0.21"]},
+    "gw.poolmta.test": {"A": ["127.0.0.1"]},        # our host name: alerts come from poolmta-alerts@ it
     "dest.test": {"MX": [(10, "mx.dest.test")]},
     "mx.dest.test": {"A": ["127.0.0.20"]},
     "partner.test": {"MX": [(10, "mx.dest.test")]},
@@ -88,6 +89,9 @@ secrets = ["e2e-srs-secret-0123456789"]
 [dkim]
 key_dir = "{key_dir}"
 
+[limits]
+messages_per_minute = 100000      # the e2e tests send bursts from one user; limits have their own tests
+
 [pools.normal]
 role = "normal"
 sources = [{{ address = "127.0.0.2", ehlo = "out1.poolmta.test" }}, {{ address = "127.0.0.5", ehlo = "out2.poolmta.test" }}]
@@ -102,7 +106,11 @@ sources = [{{ address = "127.0.0.4", ehlo = "rly1.poolmta.test" }}]
 
 [tenants.contoso]
 accepted_domains = ["contoso.test", "nodns.contoso.test"]
-users = [{{ name = "alice@contoso.test", password_hash = "{pw}" }}]
+users = [{{ name = "alice@contoso.test", password_hash = "{pw}" }},
+         {{ name = "mallory@contoso.test", password_hash = "{pw}" }}]
+admins = ["admin@contoso.test"]
+# mallory's account is the compromised one of the limits tests: a tight policy of her own.
+policies = [{{ name = "tight", priority = 1, senders = ["mallory@contoso.test"], recipient_limit_external_per_hour = 3, action_when_limit_reached = "block_user" }}]
 connectors = [
     {{ name = "onprem", client_ips = ["127.0.0.10/32"], trusted = true }},
     {{ name = "filter", client_ips = ["127.0.0.11/32"], skip_last_hop = true }},
@@ -202,11 +210,12 @@ class World:
         return s
 
     def send(self, content: bytes, mail_from: str, rcpts: list[str], *, client_ip: str = "127.0.0.1",
-             auth: bool = False) -> str:
-        """Send one message; return the queue id from the 250 reply."""
+             auth: bool | str = False) -> str:
+        """Send one message; return the queue id from the 250 reply. ``auth`` True logs
+        in as alice, a string as that user."""
         with self.smtp(client_ip) as s:
             if auth:
-                s.login("alice@contoso.test", PASSWORD)
+                s.login(auth if isinstance(auth, str) else "alice@contoso.test", PASSWORD)
             s.mail(mail_from)
             for r in rcpts:
                 code, text = s.rcpt(r)

@@ -2,17 +2,20 @@
 
 import pytest
 
-from poolmta.model import DomainState, DsnFact, Facts, ForwardFact, InboundAuthFact, Role, SourceDomainFact, \
-    SpamFact
+from poolmta.model import DomainState, DsnFact, Facts, ForwardFact, InboundAuthFact, LimitFact, Role, \
+    SourceDomainFact, SpamFact
 from poolmta.route import Policy, route
 from poolmta.route.reasons import Reason
 from poolmta.route.rules import RULES, table
 
 
-def facts(dsn=False, sd=DomainState.RESOLVES, spam=False, fwd=False, spf="none", dkim=False):
+def facts(dsn=False, sd=DomainState.RESOLVES, spam=False, fwd=False, spf="none", dkim=False, limits=(),
+          spam_failed="", ):
     return Facts(dsn=DsnFact(dsn, "null-reverse-path" if dsn else ""),
                  source_domain=SourceDomainFact("example.org", sd),
-                 spam=SpamFact(spam, "gtube" if spam else "builtin"),
+                 spam=SpamFact(spam, "gtube" if spam else "builtin", failed=bool(spam_failed),
+                               on_failure=spam_failed or "normal"),
+                 limits=LimitFact(tuple(limits)),
                  forwarded=ForwardFact(fwd, "example.org", "t", 1 if fwd else 0),
                  inbound_auth=InboundAuthFact(True, "192.0.2.1", spf, "mailfrom", "example.org",
                                               dkim_aligned_pass=dkim))
@@ -47,6 +50,16 @@ CASES = [
     ("own sender spf pass", facts(spf="pass"), "normal", ["normal"], []),
     ("spam beats authenticated forward", facts(fwd=True, spf="pass", spam=True), "high-risk",
      ["spam", "forward-authenticated"], []),
+    # sending limits: the excess leaves through high-risk, one reason per limit
+    ("limit", facts(limits=["recipient_limit_external_per_hour"]), "high-risk",
+     ["limit:recipient_limit_external_per_hour"], []),
+    ("two limits and relay", facts(limits=["service_messages_per_minute", "recipient_limit_per_day"], fwd=True),
+     "high-risk", ["limit:service_messages_per_minute", "limit:recipient_limit_per_day", "relay-unauthenticated"], []),
+    ("spam before limit", facts(spam=True, limits=["recipient_limit_per_day"]), "high-risk",
+     ["spam", "limit:recipient_limit_per_day"], []),
+    # a spam engine that failed: the tenant decides
+    ("engine failed, high-risk", facts(spam_failed="high-risk"), "high-risk", ["spam-check-failed"], []),
+    ("engine failed, normal", facts(spam_failed="normal"), "normal", ["normal", "spam-check-failed"], []),
 ]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..config import AuthConfig, SpamConfig
 from ..dns import Resolver
-from ..model import Facts, Message
+from ..model import Facts, LimitFact, Message
 from ..tenancy import Directory
 from . import dsn, forwarded, inbound_auth, source_domain, spam
 
@@ -30,7 +30,13 @@ class Context:
 
 
 async def assess(msg: Message, ctx: Context) -> Facts:
-    d, sd, sp, fw, ia = await asyncio.gather(
+    d, sd, sp, fw, ia, lim = await asyncio.gather(
         dsn.check(msg, ctx), source_domain.check(msg, ctx), spam.check(msg, ctx), forwarded.check(msg, ctx),
-        inbound_auth.check(msg, ctx))
-    return Facts(dsn=d, source_domain=sd, spam=sp, forwarded=fw, inbound_auth=ia)
+        inbound_auth.check(msg, ctx), _limits(msg, ctx))
+    return Facts(dsn=d, source_domain=sd, spam=sp, forwarded=fw, inbound_auth=ia, limits=lim)
+
+
+async def _limits(msg: Message, ctx: Context) -> LimitFact:
+    # Counting is the one check with a side effect: it runs once, at accept
+    # (`poolmta route` has no Limits and counts nothing).
+    return await ctx.limits.check(msg) if ctx.limits is not None else LimitFact()

@@ -28,6 +28,8 @@ async def check(msg: Message, ctx) -> ForwardFact:
     # mail is forwarded like any other and must authenticate to keep the normal pool.
     own = d.is_accepted(tenant, sender_domain) and (
         msg.origin.kind in ("dsn", "cli") or d.submitted_by_tenant(msg.origin.auth_user, msg.origin.client_ip))
+    if msg.origin.kind == "alert":          # our own alert to the tenant's admins
+        return ForwardFact(False, sender_domain, tenant, external)
     # A null reverse-path names no sender to vouch for (or not): the DSN rule covers it.
     forwarded = bool(sender_domain) and external > 0 and not own
     return ForwardFact(forwarded, sender_domain, tenant, external)

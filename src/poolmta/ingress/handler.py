@@ -47,7 +47,11 @@ from ..replies import (
     R451_SPOOL_ERROR,
     R452_453_OTHER_TENANT,
     R501_SYNTAX_PARAM,
+    R550_518_RESTRICTED_SENDER,
+    R550_57233_TENANT_EXTERNAL_LIMIT,
+    R550_57711_CONNECTOR_RESTRICTED,
 )
+from ..pipeline import DeferMessage
 from ..spool import new_queue_id
 from ..tenancy import Directory
 from . import acceptance
@@ -66,8 +70,9 @@ EXTRA_EHLO_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES", "DSN")
 class IngressHandler:
     """aiosmtpd handler: policy answers for one listener (shared by its sessions)."""
 
-    def __init__(self, cfg: Config, directory: Directory, pipeline, clock, srs=None):
+    def __init__(self, cfg: Config, directory: Directory, pipeline, clock, srs=None, limits=None):
         self.cfg, self.directory, self.pipeline, self.clock = cfg, directory, pipeline, clock
+        self.limits = limits                # assess.limits.Limits: restricted senders, tenant external limit
         self.srs = srs                      # rewrite.srs.SRS when [srs] is configured: reverses returning bounces
         self.inflight: set[asyncio.Task] = set()
         self.closing = False
@@ -77,6 +82,27 @@ class IngressHandler:
         return SessionFacts(client_ip=session.client_ip, auth_user=session.auth_user,
                             auth_tenant=session.auth_tenant,
                             connector=self.directory.connector_for(session.client_ip))
+
+    async def _restricted(self, session: "PoolSession", mail_from: str):
+        """Restricted senders may not send (they can still receive): 550 5.1.8 for a
+        user, 550 5.7.711 for a connector (Exchange Online's codes)."""
+        if self.limits is None or session.client_ip is None:
+            return None
+        now, state = self.clock.now(), self.limits.state
+        if session.auth_user:
+            who = session.auth_user
+        else:
+            c = self.directory.connector_for(session.client_ip)
+            if c is None:
+                return None                     # internet mail: not a sender of ours
+            if await state.restriction("connector", c.name, now):
+                log.warning("restricted connector refused name=%s client=%s", c.name, session.client_ip)
+                return R550_57711_CONNECTOR_RESTRICTED
+            who = mail_from
+        if who and await state.restriction("user", who, now):
+            log.warning("restricted sender refused sender=%s client=%s", who, session.client_ip)
+            return R550_518_RESTRICTED_SENDER
+        return None
 
     # -- hooks -----------------------------------------------------------------
     async def handle_HELO(self, server, session: "PoolSession", envelope, hostname: str) -> str:
@@ -101,6 +127,9 @@ class IngressHandler:
         refused = acceptance.check_mail(params, max_size=self.cfg.server.max_message_size)
         if refused:
             return str(refused)
+        restricted = await self._restricted(session, address)
+        if restricted:
+            return str(restricted)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.smtp_utf8 = params.smtputf8
@@ -124,6 +153,12 @@ class IngressHandler:
         srs_bounce = verdict.via == "srs"
         if envelope.srs_bounce is not None and envelope.srs_bounce != srs_bounce:
             return str(R452_453_OTHER_TENANT)
+        if (self.limits is not None and verdict.via in ("auth", "connector")
+                and any(not self.directory.is_accepted(verdict.tenant, r.address.rpartition("@")[2])
+                        for r in verdict.recipients)
+                and await self.limits.tenant_over_external_limit(verdict.tenant)):
+            log.warning("tenant external limit: refused rcpt=%s tenant=%s", address, verdict.tenant)
+            return str(R550_57233_TENANT_EXTERNAL_LIMIT)
         added = acceptance.add_recipients(envelope.recipients, envelope.tenant, verdict,
                                           max_recipients=self.cfg.server.max_recipients)
         if isinstance(added, Refuse):
@@ -156,6 +191,9 @@ class IngressHandler:
         except asyncio.CancelledError:
             client["waiting"] = False
             raise
+        except DeferMessage as e:
+            log.warning("message deferred queue_id=%s client=%s: %s", msg.queue_id, facts.client_ip, e.reply)
+            return str(e.reply)
         except Exception:
             log.exception("accept failed queue_id=%s client=%s", msg.queue_id, facts.client_ip)
             return str(R451_SPOOL_ERROR)

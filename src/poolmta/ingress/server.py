@@ -438,9 +438,9 @@ class PoolSMTP(SMTP):
 class IngressServer:
     """The SMTP listener of one gateway: ``await start()``, ``.port``, ``await stop()``."""
 
-    def __init__(self, cfg: Config, directory: Directory, pipeline, clock, srs=None):
+    def __init__(self, cfg: Config, directory: Directory, pipeline, clock, srs=None, limits=None):
         self.cfg = cfg
-        self.handler = IngressHandler(cfg, directory, pipeline, clock, srs)
+        self.handler = IngressHandler(cfg, directory, pipeline, clock, srs, limits)
         self.host = ""
         self.port = 0
         self.sessions: set[PoolSMTP] = set()

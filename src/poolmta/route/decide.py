@@ -28,7 +28,12 @@ class Policy:
 def route(facts: Facts, policy: Policy) -> Decision:
     matched = [r for r in RULES if r.predicate(facts)]
     decider = matched[0] if matched else DEFAULT
-    reasons = [str(r.code) for r in matched] or [str(DEFAULT.code)]
+    reasons: list[str] = []
+    for r in matched or [DEFAULT]:
+        if r.code == Reason.LIMIT:          # one reason per limit: limit:recipient_limit_external_per_hour, …
+            reasons.extend(f"limit:{name}" for name in facts.limits.exceeded)
+        else:
+            reasons.append(str(r.code))
     recheck: list[str] = []
     for note in NOTES:
         if note.predicate(facts):

@@ -29,6 +29,11 @@ class Reason(StrEnum):
                                "The sender domain's DNS failed (SERVFAIL/timeout); not guessed: re-checked before delivery.")
     SPAM = ("spam",
             "A spam engine (or a trusted upstream verdict) judged the message spam.")
+    SPAM_CHECK_FAILED = ("spam-check-failed",
+                         "The spam engine did not answer; the tenant's on_engine_failure decided (high-risk here,"
+                         " or only recorded when it is \"normal\").")
+    LIMIT = ("limit",
+             "A sending limit (service or outbound spam policy) is exceeded: recorded as limit:<name>.")
     RELAY_UNAUTHENTICATED = ("relay-unauthenticated",
                              "Forwarded or relayed mail whose envelope sender is not in an accepted domain of the relaying tenant.")
     FORWARD_AUTHENTICATED = ("forward-authenticated",

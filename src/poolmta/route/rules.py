@@ -37,6 +37,10 @@ RULES: tuple[Rule, ...] = (
          "envelope sender's domain publishes a null MX (RFC 7505)"),
     Rule(Reason.SPAM, lambda f: f.spam.is_spam, Role.HIGH_RISK,
          "spam verdict"),
+    Rule(Reason.SPAM_CHECK_FAILED, lambda f: f.spam.failed and f.spam.on_failure == "high-risk", Role.HIGH_RISK,
+         "the spam engine failed and the tenant's on_engine_failure is \"high-risk\""),
+    Rule(Reason.LIMIT, lambda f: bool(f.limits.exceeded), Role.HIGH_RISK,
+         "a sending limit (service or outbound spam policy) is exceeded: limit:<name>"),
     Rule(Reason.FORWARD_AUTHENTICATED,
          lambda f: f.forwarded.forwarded and f.inbound_auth.sender_authenticated, Role.NORMAL,
          "forwarded/relayed, and the original sender passed SPF or aligned DKIM when it came in: SRS", srs=True),
@@ -48,6 +52,8 @@ RULES: tuple[Rule, ...] = (
 
 # Recorded when it holds, but never decides a pool: the fact is re-checked before delivery.
 NOTES: tuple[Rule, ...] = (
+    Rule(Reason.SPAM_CHECK_FAILED, lambda f: f.spam.failed and f.spam.on_failure != "high-risk", Role.NORMAL,
+         "the spam engine failed; routed as if clean (on_engine_failure = \"normal\")"),
     Rule(Reason.SOURCE_DOMAIN_TEMPERROR, lambda f: f.source_domain.state == DomainState.TEMPERROR, Role.NORMAL,
          "sender domain DNS failed: re-checked before delivery, not guessed"),
 )

@@ -28,6 +28,8 @@ class EventKind(StrEnum):
     EXPIRED = "expired"          # per recipient: last reply
     DSN_CREATED = "dsn-created"  # the DSN's queue id and the recipients it reports
     DSN_SUPPRESSED = "dsn-suppressed"  # no DSN: null reverse-path or NOTIFY=NEVER
+    SENDER_ACTION = "sender-action"  # a limit or spam volume restricted the sender and/or alerted its admins
+    SENDER_RELEASED = "sender-released"  # an administrator released a restricted sender (who, when)
     RETRY_REQUESTED = "retry-requested"  # operator asked for an immediate retry
     DELETED = "deleted"          # operator removed the message
 

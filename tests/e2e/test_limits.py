@@ -86,3 +86,77 @@ def test_restricted_connector_gets_5_7_711(world):
     assert poolmta("senders", "release", "onprem", "--connector", "--config", cfg).returncode == 0
     with world.smtp("127.0.0.10") as s:
         assert s.mail("app@contoso.test")[0] == 250
+
+
+def test_two_nodes_sharing_redis_enforce_one_limit_together(world, tmp_path):
+    """Two gateway processes count into the same Redis: 8 single-recipient messages
+    from one sender, 4 through each node at once, against a limit of 3: the crossing
+    happens exactly once (one alert, one sender-action), 3 leave normal, 5 high-risk."""
+    import concurrent.futures
+    import os
+    import re
+    import subprocess
+    import sys
+    import uuid
+
+    import redis
+
+    from tests.support.harness import ROOT, free_port
+
+    prefix = f"poolmta-e2e-{uuid.uuid4().hex[:8]}:"
+    base = world.config_path.read_text()
+    nodes = []
+    for name in ("a", "b"):
+        port = free_port()
+        text = re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"', base)
+        text = re.sub(r'data_dir = "[^"]*"', f'data_dir = "{tmp_path / name}"', text)
+        text += f'\n[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:6379/0"\nkey_prefix = "{prefix}"\n'
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text)
+        log = open(tmp_path / f"{name}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "poolmta", "serve", "--config", str(path)], stdout=log,
+                                stderr=log, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+        nodes.append((proc, port, tmp_path / name))
+    try:
+        for proc, port, _ in nodes:
+            end = time.time() + 20
+            while True:
+                try:
+                    smtplib.SMTP("127.0.0.1", port, timeout=2).quit()
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.time() < end, (tmp_path / "a.log").read_text()
+                    time.sleep(0.1)
+
+        def send(i: int) -> str:
+            _, port, _ = nodes[i % 2]
+            with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=("127.0.0.60", 0)) as s:
+                s.login("eve@contoso.test", PASSWORD)
+                s.sendmail("eve@contoso.test", [f"two-nodes-{i}@dest.test"],
+                           f"From: eve@contoso.test\r\nSubject: node test {i}\r\n\r\nx\r\n")
+            return f"two-nodes-{i}@dest.test"
+
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            rcpts = list(ex.map(send, range(8)))
+        world.dest.wait_for(lambda ms: all(world.dest.to(r) for r in rcpts), timeout=30)
+        peers = [world.dest.to(r)[0].peer for r in rcpts]
+        assert sum(p in NORMAL for p in peers) == 3 and peers.count(HIGH_RISK) == 5, peers
+        world.contoso.wait_for(lambda ms: [m for m in world.contoso.to("admin@contoso.test")
+                                           if b"eve@contoso.test" in m.content])
+        time.sleep(1.0)                            # a second alert, if any, would have arrived by now
+        alerts = [m for m in world.contoso.to("admin@contoso.test") if b"eve@contoso.test" in m.content]
+        assert len(alerts) == 1
+        from poolmta.trace import query
+        actions = 0
+        for _, _, data_dir in nodes:
+            con = query.open_readonly(str(data_dir))
+            actions += con.execute("SELECT COUNT(*) FROM events WHERE kind='sender-action'").fetchone()[0]
+            con.close()
+        assert actions == 1
+    finally:
+        for proc, _, _ in nodes:
+            proc.terminate()
+            proc.wait(10)
+        r = redis.Redis(host="127.0.0.1", port=6379)
+        for key in r.scan_iter(f"{prefix}*"):
+            r.delete(key)

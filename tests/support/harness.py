@@ -107,10 +107,12 @@ sources = [{{ address = "127.0.0.4", ehlo = "rly1.poolmta.test" }}]
 [tenants.contoso]
 accepted_domains = ["contoso.test", "nodns.contoso.test"]
 users = [{{ name = "alice@contoso.test", password_hash = "{pw}" }},
-         {{ name = "mallory@contoso.test", password_hash = "{pw}" }}]
+         {{ name = "mallory@contoso.test", password_hash = "{pw}" }},
+         {{ name = "eve@contoso.test", password_hash = "{pw}" }}]
 admins = ["admin@contoso.test"]
 # mallory's account is the compromised one of the limits tests: a tight policy of her own.
-policies = [{{ name = "tight", priority = 1, senders = ["mallory@contoso.test"], recipient_limit_external_per_hour = 3, action_when_limit_reached = "block_user" }}]
+policies = [{{ name = "tight", priority = 1, senders = ["mallory@contoso.test"], recipient_limit_external_per_hour = 3, action_when_limit_reached = "block_user" }},
+            {{ name = "watch", priority = 2, senders = ["eve@contoso.test"], recipient_limit_external_per_hour = 3, action_when_limit_reached = "alert" }}]
 connectors = [
     {{ name = "onprem", client_ips = ["127.0.0.10/32"], trusted = true }},
     {{ name = "filter", client_ips = ["127.0.0.11/32"], skip_last_hop = true }},

@@ -557,6 +557,10 @@ async def test_rspamd_request_and_answers():
                      b"Content-Length: 20"):
             assert want in lines, (want, lines)
         assert not any(line.startswith(b"X-Injected") for line in lines)
+    odd = json.dumps({"action": "no action", "score": 0, "required_score": 15,
+                      "symbols": {"A": {"score": "x"}, "B": [1], "C": None}}).encode()
+    async with fake_server(_http("200 OK", odd), [], read_until_eof=False) as port:
+        assert not (await rspamd.check(b"x\r\n", f"http://127.0.0.1:{port}")).is_spam
     for action, is_spam in (("no action", False), ("greylist", False), ("soft reject", False),
                             ("rewrite subject", True), ("reject", True)):
         body = json.dumps({"action": action, "score": 1, "required_score": 15}).encode()

@@ -102,8 +102,6 @@ async def check(msg: Message, ctx=None) -> SpamFact:
             fact = await _run(engine, msg, cfg)
         except EngineError as e:
             why = str(e)
-        except asyncio.CancelledError:
-            raise
         except Exception as e:                      # a bug here must not stop mail: no verdict, say why
             log.exception("spam check of %s with %s failed", msg.queue_id, engine)
             why = f"{type(e).__name__}: {e}"

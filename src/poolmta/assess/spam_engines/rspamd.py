@@ -161,6 +161,13 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".rstrip(": ")
 
 
+def _weight(symbol) -> float:
+    try:
+        return abs(float(symbol.get("score", 0) or 0)) if isinstance(symbol, dict) else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def parse_reply(status: int, body: bytes) -> SpamFact:
     try:
         reply = json.loads(body.decode("utf-8", "replace")) if body else {}
@@ -178,8 +185,7 @@ def parse_reply(status: int, body: bytes) -> SpamFact:
     except (TypeError, ValueError):
         raise EngineError("rspamd answer with a score that is not a number") from None
     symbols = reply.get("symbols") if isinstance(reply.get("symbols"), dict) else {}
-    top = sorted(((abs(float(v.get("score", 0) or 0)) if isinstance(v, dict) else 0.0, str(k))
-                  for k, v in symbols.items()), reverse=True)
+    top = sorted(((_weight(v), str(k)) for k, v in symbols.items()), reverse=True)
     names = ",".join(name for _, name in top[:20])
     detail = f"rspamd {action} {score:g}/{threshold:g}" + (f": {names}" if names else "")
     return SpamFact(action in SPAM_ACTIONS, "rspamd", detail, score=score, threshold=threshold)

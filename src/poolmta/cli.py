@@ -320,7 +320,8 @@ async def _route(cfg, args) -> dict:
                     connector=connector, trusted_connector=trusted, kind="cli")
     env = Envelope(mail_from, tuple(Recipient(r) for r in args.rcpt))
     msg = Message("ROUTE", env, origin, content, clock.now())
-    pipe = Pipeline(Context(resolver, directory, cfg.auth, cfg.server.hostname), Policy(cfg.pool_for_role()), None, None,
+    pipe = Pipeline(Context(resolver, directory, cfg.auth, cfg.server.hostname, cfg.spam), Policy(cfg.pool_for_role()),
+                    None, None,
                     clock, cfg.server.hostname)
     facts, decision = await pipe.decide(msg)
     return {"decision": decision.to_dict(), "facts": facts.to_dict(), "origin": asdict(origin)}

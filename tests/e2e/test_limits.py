@@ -160,3 +160,21 @@ def test_two_nodes_sharing_redis_enforce_one_limit_together(world, tmp_path):
         r = redis.Redis(host="127.0.0.1", port=6379)
         for key in r.scan_iter(f"{prefix}*"):
             r.delete(key)
+
+
+def test_repeated_spam_restricts_the_sender(world):
+    """The seed: if the volume of spam continues, the user is restricted. The 5th
+    spam within the window (limits.spam_restrict_count) restricts trudy."""
+    from poolmta.assess.spam import GTUBE
+    body = b"From: trudy@contoso.test\r\nSubject: win\r\n\r\n" + GTUBE + b"\r\n"
+    qids = [world.send(body, "trudy@contoso.test", [f"spam{i}@dest.test"], auth="trudy@contoso.test")
+            for i in range(5)]
+    assert all(wait(world, q, lambda s: s.get("delivered") == 1)["routed"] == "high-risk" for q in qids)
+    acts = [e for e in trace_events(world.data_dir, qids[-1]) if e["event"] == "sender-action"]
+    assert acts and "restricted:spam-volume" in acts[0]["actions"]
+    with world.smtp("127.0.0.60") as s:
+        s.login("trudy@contoso.test", PASSWORD)
+        code, text = s.mail("trudy@contoso.test")
+    assert code == 550 and b"5.1.8" in text
+    world.contoso.wait_for(lambda ms: [m for m in world.contoso.to("admin@contoso.test")
+                                       if b"trudy@contoso.test" in m.content and b"spam" in m.content])

@@ -108,7 +108,8 @@ sources = [{{ address = "127.0.0.4", ehlo = "rly1.poolmta.test" }}]
 accepted_domains = ["contoso.test", "nodns.contoso.test"]
 users = [{{ name = "alice@contoso.test", password_hash = "{pw}" }},
          {{ name = "mallory@contoso.test", password_hash = "{pw}" }},
-         {{ name = "eve@contoso.test", password_hash = "{pw}" }}]
+         {{ name = "eve@contoso.test", password_hash = "{pw}" }},
+         {{ name = "trudy@contoso.test", password_hash = "{pw}" }}]
 admins = ["admin@contoso.test"]
 # mallory's account is the compromised one of the limits tests: a tight policy of her own.
 policies = [{{ name = "tight", priority = 1, senders = ["mallory@contoso.test"], recipient_limit_external_per_hour = 3, action_when_limit_reached = "block_user" }},

@@ -124,7 +124,7 @@ def test_the_suites_are_the_ones_described():
     assert len(VALIDATE) == 10 and sum(len(s["tests"]) for s in VALIDATE) == 170
 
 
-@pytest.mark.parametrize("scenario,case", sign_cases())
+@pytest.mark.parametrize("scenario,case", list(sign_cases()))
 def test_sign_suite_exact(scenario, case):
     content, out = seal_case(scenario, case, compact=True)
     if not case["AS"].strip():                         # no_additional_sig: the chain is over
@@ -139,7 +139,7 @@ def test_sign_suite_exact(scenario, case):
     assert out.startswith(b"ARC-Seal: ")
 
 
-@pytest.mark.parametrize("scenario,case", sign_cases())
+@pytest.mark.parametrize("scenario,case", list(sign_cases()))
 def test_sign_suite_default_layout(scenario, case):
     content, out = seal_case(scenario, case, compact=False)
     if not case["AS"].strip():

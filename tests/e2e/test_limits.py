@@ -178,3 +178,26 @@ def test_repeated_spam_restricts_the_sender(world):
     assert code == 550 and b"5.1.8" in text
     world.contoso.wait_for(lambda ms: [m for m in world.contoso.to("admin@contoso.test")
                                        if b"trudy@contoso.test" in m.content and b"spam" in m.content])
+
+
+def test_spam_engine_down_defer_or_high_risk_per_tenant(world):
+    body = b"From: x\r\nSubject: engine down\r\n\r\nhello\r\n"
+    with pytest.raises(smtplib.SMTPDataError) as e:                 # on_engine_failure = "defer"
+        world.send(body, "f@fragile.test", ["d1@dest.test"], auth="f@fragile.test")
+    assert e.value.smtp_code == 451 and b"4.7.1" in e.value.smtp_error
+    qid = world.send(body, "s@sturdy.test", ["d2@dest.test"], auth="s@sturdy.test")   # "high-risk"
+    s = wait(world, qid, lambda s: s.get("delivered") == 1)
+    assert s["routed"] == "high-risk" and s["reasons"] == ["spam-check-failed"]
+    spam = [e for e in trace_events(world.data_dir, qid) if e["event"] == "assessed"][0]["spam"]
+    assert spam["failed"] and spam["engine"] == "spamassassin"
+
+
+def test_tenant_external_recipient_limit_refuses_with_5_7_233(world):
+    body = b"From: s@sturdy.test\r\nSubject: many\r\n\r\nhello\r\n"
+    world.send(body, "s@sturdy.test", ["t1@dest.test", "t2@dest.test"], auth="s@sturdy.test")   # reaches 2 (+1 above)
+    with world.smtp("127.0.0.60") as s:
+        s.login("s@sturdy.test", PASSWORD)
+        s.mail("s@sturdy.test")
+        code, text = s.rcpt("t3@dest.test")
+        assert code == 550 and b"5.7.233" in text
+        assert s.rcpt("colleague@sturdy.test")[0] == 250             # internal recipients still fine

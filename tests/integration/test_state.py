@@ -124,11 +124,11 @@ async def test_events_at_the_same_instant_all_count(state):
 
 @pytest.mark.parametrize("window", [HOUR, DAY], ids=["hour", "rolling-24h"])
 async def test_sliding_window_edges(state, window):
-    await state.add("w", 2, T0, T0 - window)
-    await state.add("w", 3, T0 + 10, T0 + 10 - window)
-    # An event at exactly NOW is in; one after NOW is not (yet).
-    assert await state.count("w", T0, T0 - window) == 2
-    assert await state.count("w", before(T0), before(T0) - window) == 0
+    assert await state.add("w", 2, T0, T0 - window) == (0, 2)
+    assert await state.add("w", 3, T0 + 10, T0 + 10 - window) == (2, 5)
+    # An event stamped after NOW counts too: concurrent callers stamp their adds a
+    # moment apart and reach the store out of order; the later one has happened.
+    assert await state.count("w", T0, T0 - window) == 5
     # Last instant the first event is inside: now - window < T0.
     now = before(T0 + window)
     assert now - window < T0
@@ -148,21 +148,16 @@ async def test_add_sees_the_window_edges_too(state, window):
 
 
 async def test_utc_day_window_edges(state):
-    # Yesterday 23:59:59, midnight exactly, just after, 23:59:59 today, next midnight.
-    events = [(D - 1, 1), (D, 2), (D + 0.5, 4), (D + DAY - 1, 8), (D + DAY, 16), (D + DAY + 0.5, 32)]
-    for ts, amount in events:
-        await state.add("day", amount, ts, utc_day_start(ts))
-    last = D + DAY - 1
-    assert utc_day_start(last) == D
-    # (since, now] with since = 00:00:00: the event at exactly midnight is at `since`, so out.
-    assert await state.count("day", last, utc_day_start(last)) == 4 + 8
-    assert await state.count("day", before(D + DAY), utc_day_start(before(D + DAY))) == 4 + 8
-    assert await state.count("day", D + 0.5, utc_day_start(D + 0.5)) == 4
-    # Yesterday's last instant still sees yesterday.
-    assert await state.count("day", before(D), utc_day_start(before(D))) == 1
-    # At the next midnight the day starts over.
-    assert await state.count("day", D + DAY, utc_day_start(D + DAY)) == 0
-    assert await state.count("day", D + DAY + 1, utc_day_start(D + DAY + 1)) == 32     # 16 at since: out
+    # In time order, each add sees its own UTC day (start of day, ...]: yesterday
+    # 23:59:59, midnight exactly (at `since`: out), just after, 23:59:59 today,
+    # the next midnight, just after it.
+    steps = [(D - 1, 1, (0, 1)), (D, 2, (0, 0)), (D + 0.5, 4, (0, 4)), (D + DAY - 1, 8, (4, 12)),
+             (D + DAY, 16, (0, 0)), (D + DAY + 0.5, 32, (0, 32))]
+    for ts, amount, expect in steps:
+        assert await state.add("day", amount, ts, utc_day_start(ts)) == expect, ts
+    # The whole of today as seen at its last instant: everything after midnight exactly.
+    assert await state.count("day", D + DAY - 1, D) == 4 + 8 + 16 + 32
+    assert await state.count("day", D + DAY + 1, D + DAY) == 32                  # 16 at since: out
 
 
 async def test_add_at_exactly_since_adds_nothing_to_the_window(state):
@@ -200,13 +195,13 @@ async def test_windows_agree_with_a_plain_model_at_random_edges(state):
         amount = rng.randrange(0, 5)
         if rng.random() < 0.6:
             before_, after = await state.add("m", amount, now, since)
-            expect = sum(a for t, a in events if since < t <= now)
+            expect = sum(a for t, a in events if since < t)
             assert (before_, after) == (expect, expect + (amount if since < now else 0)), (i, now, since)
             events.append((now, amount))
             horizon = min(since, now - 25 * HOUR)                 # the add prunes what is older
             events = [(t, a) for t, a in events if t >= horizon]
         else:
-            expect = sum(a for t, a in events if since < t <= now)
+            expect = sum(a for t, a in events if since < t)
             assert await state.count("m", now, since) == expect, (i, now, since)
 
 
@@ -515,3 +510,20 @@ async def test_open_state_follows_the_config(tmp_path, redis_prefix):
         await s.close()
     with pytest.raises(ValueError):
         open_state(dataclasses.replace(cfg, state=config.StateConfig(backend="memcached")))
+
+
+async def test_adds_arriving_out_of_timestamp_order_still_count_each_other(state):
+    # Two nodes stamp their adds a millisecond apart; the later stamp reaches the store
+    # first. The earlier one must still see it, or both would pass a limit of 1.
+    assert await state.add("ooo", 1, T0 + 0.002, T0 + 0.002 - HOUR) == (0, 1)
+    assert await state.add("ooo", 1, T0 + 0.001, T0 + 0.001 - HOUR) == (1, 2)
+
+
+async def test_many_concurrent_adds_with_real_clock_are_exact(state):
+    import time as _time
+
+    async def one():
+        now = _time.time()
+        return await state.add("conc", 1, now, now - HOUR)
+    results = await asyncio.gather(*(one() for _ in range(50)))
+    assert sorted(a for _, a in results) == list(range(1, 51))

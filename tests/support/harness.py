@@ -36,7 +36,9 @@ PASSWORD = "correct horse"
 ZONE = {
     "contoso.test": {"MX": [(10, "mx.contoso.test")], "A": ["127.0.0.21"]},
     "mx.contoso.test": {"A": ["127.0.0.21"]},
-    "gw.poolmta.test": {"A": ["127.0.0.1"]},        # our host name: alerts come from poolmta-alerts@ it
+    "gw.poolmta.test": {"A": ["127.0.0.1"]},
+    "fragile.test": {"A": ["127.0.0.21"]},
+    "sturdy.test": {"A": ["127.0.0.21"]},        # our host name: alerts come from poolmta-alerts@ it
     "dest.test": {"MX": [(10, "mx.dest.test")]},
     "mx.dest.test": {"A": ["127.0.0.20"]},
     "partner.test": {"MX": [(10, "mx.dest.test")]},
@@ -92,6 +94,10 @@ key_dir = "{key_dir}"
 [limits]
 messages_per_minute = 100000      # the e2e tests send bursts from one user; limits have their own tests
 
+[spam]
+spamd = "127.0.0.1:9"             # nothing listens: tenants on spamassassin see a failed engine
+timeout = "2s"
+
 [pools.normal]
 role = "normal"
 sources = [{{ address = "127.0.0.2", ehlo = "out1.poolmta.test" }}, {{ address = "127.0.0.5", ehlo = "out2.poolmta.test" }}]
@@ -122,6 +128,20 @@ connectors = [
 
 [tenants.contoso.forward]
 "info@contoso.test" = ["contoso-info@partner.test"]
+
+# Tenants whose spam engine is down (spamd on a closed port): one defers, one sends high-risk.
+[tenants.fragile]
+accepted_domains = ["fragile.test"]
+users = [{{ name = "f@fragile.test", password_hash = "{pw}" }}]
+spam_engine = "spamassassin"
+on_engine_failure = "defer"
+
+[tenants.sturdy]
+accepted_domains = ["sturdy.test"]
+users = [{{ name = "s@sturdy.test", password_hash = "{pw}" }}]
+spam_engine = "spamassassin"
+on_engine_failure = "high-risk"
+external_recipients_per_day = 2
 
 [tenants.northwind]
 accepted_domains = ["northwind.test"]

@@ -139,7 +139,11 @@ local function window(since_s, now_s)
   local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
   local minv, maxv = tonumber(first[2]), tonumber(last[2])
   if minv > lo.v then lo, lo_in = {v = minv, s = first[2]}, true end
-  if maxv < hi.v then hi, hi_in = {v = maxv, s = last[2]}, true end
+  -- Up to the latest event, even past `now`: adds from several nodes (or several
+  -- tasks) reach Redis slightly out of timestamp order, and an event another
+  -- caller stamped a moment later has happened all the same. Excluding it would
+  -- let concurrent senders slip past a limit together.
+  hi, hi_in = {v = maxv, s = last[2]}, true
   return rsum(1, lo, lo_in, hi, hi_in)
 end
 

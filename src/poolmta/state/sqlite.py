@@ -11,7 +11,7 @@ sums the window, inserts the event and prunes the key's events older than
 the retention, and commits. Another process writing the same file (a second
 gateway on the host, the CLI) waits for the lock (busy_timeout), so of
 several adds exactly one sees the total cross a limit. The window is
-``ts > since AND ts <= now``: an event at exactly ``since`` is out, one at
+``ts > since`` (events stamped after ``now`` by a concurrent caller count too): an event at exactly ``since`` is out, one at
 exactly ``now`` is in. Timestamps are stored as REAL, the caller's float
 bit for bit, so the boundaries hold to the last bit.
 
@@ -143,8 +143,10 @@ class SQLiteState:
         cutoff = min(since, now - self.retention)
 
         def op(con: sqlite3.Connection) -> tuple[int, int]:
-            before = con.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE key=? AND ts>? AND ts<=?",
-                                 (key, since, now)).fetchone()[0]
+            # Everything after `since`, even past `now`: concurrent adds are stamped a moment
+            # apart and may commit out of order; an event stamped later has happened all the same.
+            before = con.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE key=? AND ts>?",
+                                 (key, since)).fetchone()[0]
             if amount:
                 con.execute("INSERT INTO events(key, ts, amount) VALUES(?,?,?)", (key, now, amount))
             con.execute("DELETE FROM events WHERE key=? AND ts<?", (key, cutoff))
@@ -155,8 +157,8 @@ class SQLiteState:
 
     async def count(self, key: str, now: float, since: float) -> int:
         def op(con: sqlite3.Connection) -> int:
-            return con.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE key=? AND ts>? AND ts<=?",
-                               (key, float(since), float(now))).fetchone()[0]
+            return con.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE key=? AND ts>?",
+                               (key, float(since))).fetchone()[0]
         return await self._run(op)
 
     # -- restrictions ----------------------------------------------------

@@ -78,7 +78,13 @@ class Pipeline:
         if refused:
             self.on_refused()
         if self.ctx.limits is not None and (facts.limits.exceeded or facts.spam.is_spam):
-            done = await self.ctx.limits.after_accept(msg, facts, self._send_alert)
+            # The message is queued: whatever happens now, the client gets its 250. The
+            # actions are level-triggered, so one lost here is taken by the next message.
+            try:
+                done = await self.ctx.limits.after_accept(msg, facts, self._send_alert)
+            except Exception as e:
+                log.exception("sender action failed queue_id=%s sender=%s", msg.queue_id, facts.limits.sender)
+                done = [f"failed: {type(e).__name__}"]
             if done:
                 self.trace.record(msg.queue_id, EventKind.SENDER_ACTION, actions=done, sender=facts.limits.sender)
         return decision

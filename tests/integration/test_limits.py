@@ -89,15 +89,16 @@ async def test_policy_is_chosen_by_from_header(limits):
     lim, _ = limits
     assert lim.policy_for("t", "boss@vip.t.test").name == "vip"
     assert lim.policy_for("t", "u@t.test").name == "default"
-    f = await lim.check(message(["a@x.test", "b@x.test", "c@x.test", "d@x.test"], from_hdr="boss@vip.t.test"))
+    # a vip From: from the vip sender itself gets the vip policy
+    f = await lim.check(message(["a@x.test", "b@x.test", "c@x.test", "d@x.test"], auth="boss@vip.t.test",
+                                sender="boss@vip.t.test", from_hdr="boss@vip.t.test"))
     assert f.policy == "vip" and "recipient_limit_external_per_hour" not in f.exceeded
 
 
 async def test_what_is_not_counted(limits):
     lim, _ = limits
     big = [f"r{i}@x.test" for i in range(20)]
-    assert (await lim.check(message(big, extra=b"Auto-Submitted: auto-replied\r\n"))).sender == ""   # RFC 3834
-    assert (await lim.check(message(big, sender=""))).sender == ""                                   # DSN
+    assert (await lim.check(message(big, auth="", client="127.0.0.10", sender=""))).sender == ""     # DSN by connector
     assert (await lim.check(message(big, auth="", client="127.0.0.50"))).sender == ""                # internet
     assert (await lim.check(message(big, kind="alert"))).sender == ""                                # our alerts
     f = await lim.check(message(["a@x.test"], auth="", client="127.0.0.10", sender="App@t.test"))    # connector
@@ -110,3 +111,40 @@ def test_tenant_limit_formula_and_auto_submitted():
     assert tenant_external_limit(0, 100) == int(500 * 100 ** 0.7 + 9500)
     assert auto_submitted(b"Auto-Submitted: auto-generated\r\n\r\n")
     assert not auto_submitted(b"Auto-Submitted: no\r\n\r\n") and not auto_submitted(b"Subject: x\r\n\r\n")
+
+
+async def test_auto_submitted_counts_for_the_sender_but_not_the_tenant_limit(limits):
+    lim, clock = limits
+    f = await lim.check(message([f"r{i}@x.test" for i in range(4)], extra=b"Auto-Submitted: auto-replied\r\n"))
+    assert "recipient_limit_external_per_hour" in f.exceeded              # the header buys no escape
+    assert await lim.state.count("tenant-ext:t", clock.now(), clock.now() - 86400) == 0
+
+
+async def test_authenticated_null_sender_still_counts(limits):
+    lim, _ = limits
+    assert (await lim.check(message(["a@x.test"], sender=""))).sender == "u@t.test"
+
+
+async def test_from_header_cannot_buy_a_lenient_policy(limits):
+    lim, _ = limits
+    f = await lim.check(message(["a@x.test", "b@x.test", "c@x.test", "d@x.test"], from_hdr="boss@vip.t.test"))
+    assert f.policy == "default" and "recipient_limit_external_per_hour" in f.exceeded
+
+
+async def test_actions_are_level_triggered_and_alerts_once_a_day(limits):
+    lim, clock = limits
+    sent = []
+
+    async def alert(tenant, subject, body):
+        sent.append(subject)
+    from poolmta.model import Facts, DsnFact, SourceDomainFact, SpamFact, ForwardFact, DomainState
+    for i in range(6):
+        lf = await lim.check(message([f"z{i}@x.test"] * 1))
+        facts = Facts(DsnFact(False), SourceDomainFact("t.test", DomainState.RESOLVES), SpamFact(False),
+                      ForwardFact(False), limits=lf)
+        await lim.after_accept(message(["z@x.test"]), facts, alert)
+        clock.advance(1)
+    assert await lim.state.restriction("user", "u@t.test", clock.now()) is not None
+    # over the external-per-hour limit on messages 4-6 and the per-minute one on 5-6:
+    # one alert for each limit, not one per message
+    assert sent.count("Sending limit reached by u@t.test") == 2

@@ -30,9 +30,12 @@ class Context:
 
 
 async def assess(msg: Message, ctx: Context) -> Facts:
-    d, sd, sp, fw, ia, lim = await asyncio.gather(
+    d, sd, sp, fw, ia = await asyncio.gather(
         dsn.check(msg, ctx), source_domain.check(msg, ctx), spam.check(msg, ctx), forwarded.check(msg, ctx),
-        inbound_auth.check(msg, ctx), _limits(msg, ctx))
+        inbound_auth.check(msg, ctx))
+    # Counted last, and not at all for a message about to be deferred (451): its
+    # retries must not add up against the sender and the tenant.
+    lim = LimitFact() if (sp.failed and sp.on_failure == "defer") else await _limits(msg, ctx)
     return Facts(dsn=d, source_domain=sd, spam=sp, forwarded=fw, inbound_auth=ia, limits=lim)
 
 

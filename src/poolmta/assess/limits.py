@@ -86,22 +86,38 @@ class Limits:
                 return p
         return t.policy
 
+    @staticmethod
+    def stricter(a: PolicyConfig, b: PolicyConfig) -> PolicyConfig:
+        """Of the From: address's policy and the submitter's own, the stricter: the From:
+        header is the sender's to write, and must not buy a compromised account a
+        lenient policy. Compared on the external-per-hour limit (0 = none), then daily."""
+        def key(p: PolicyConfig):
+            inf = float("inf")
+            return (p.recipient_limit_external_per_hour or inf, p.recipient_limit_per_day or inf)
+        return a if key(a) < key(b) else b
+
     def counted_sender(self, msg: Message) -> str:
         """Whose counters this message goes into ("" = not counted)."""
         o, env = msg.origin, msg.envelope
-        if o.kind != "smtp" or not env.mail_from or not o.tenant:
+        if o.kind != "smtp" or not o.tenant:
             return ""
         if not self.directory.submitted_by_tenant(o.auth_user, o.client_ip):
             return ""
+        # An AUTH user counts even with a null reverse-path: a compromised account
+        # sending "bounces" is still that account sending.
         return (o.auth_user or env.mail_from).lower()
 
     # -- the fact ------------------------------------------------------------------
     async def check(self, msg: Message) -> LimitFact:
         sender = self.counted_sender(msg)
-        if not sender or auto_submitted(msg.content):
+        if not sender:
             return LimitFact()
+        # Auto-replies (Auto-Submitted, a header the sender writes) still count for the
+        # sender; they are spared only the tenant-wide external limit, as the issue says.
+        auto = auto_submitted(msg.content)
         tenant, env, now = msg.origin.tenant, msg.envelope, self.clock.now()
-        policy = self.policy_for(tenant, from_address(msg.content) or env.mail_from.lower())
+        policy = self.stricter(self.policy_for(tenant, from_address(msg.content) or sender),
+                               self.policy_for(tenant, sender))
         n_ext = sum(1 for r in env.recipients if not self.directory.is_accepted(tenant, domain_of(r.address)))
         n_int = len(env.recipients) - n_ext
         k = f"{tenant}:{sender}"
@@ -122,7 +138,8 @@ class Limits:
         if n_ext:
             await window("recipient_limit_external_per_hour", f"ext:{k}", n_ext, now - HOUR,
                          policy.recipient_limit_external_per_hour, True)
-            await self.state.add(f"tenant-ext:{tenant}", n_ext, now, now - DAY)
+            if not auto:
+                await self.state.add(f"tenant-ext:{tenant}", n_ext, now, now - DAY)
         if n_int:
             await window("recipient_limit_internal_per_hour", f"int:{k}", n_int, now - HOUR,
                          policy.recipient_limit_internal_per_hour, True)
@@ -130,8 +147,10 @@ class Limits:
         await window("recipient_limit_per_day", f"day:{k}", len(env.recipients),
                      math.nextafter(utc_day_start(now), -math.inf),
                      policy.recipient_limit_per_day, True)
+        # The service recipient limit is the policy's too (0 in a policy means "the
+        # service default"): crossing it applies the policy's action.
         await window("service_recipients_per_day", f"rcpt24:{k}", len(env.recipients), now - DAY,
-                     self.cfg.limits.recipients_per_day, False)
+                     self.cfg.limits.recipients_per_day, True)
         await window("service_messages_per_minute", f"msg:{k}", 1, now - 60, self.cfg.limits.messages_per_minute,
                      False)
         return LimitFact(tuple(exceeded), sender, policy.name,
@@ -149,19 +168,25 @@ class Limits:
 
     # -- what happens afterwards -----------------------------------------------------
     async def after_accept(self, msg: Message, facts: Facts, send_alert) -> list[str]:
-        """Restrictions and alerts this message triggers; returns what was done (for the trace)."""
+        """Restrictions and alerts this message triggers; returns what was done (for the trace).
+
+        Level-triggered and idempotent: every message over a limit with a restricting
+        action asks for the restriction (a no-op when one is in force), so a failure
+        at the crossing is made good by the next message. Alerts are sent once per
+        sender and limit per UTC day, however often the sender crosses again."""
         lf, done = facts.limits, []
         tenant, now = msg.origin.tenant, self.clock.now()
         sender = lf.sender or self.counted_sender(msg)
-        crossed = [n for n in lf.exceeded if lf.counts.get(f"{n}:crossed")]
-        if crossed:
-            policy_crossed = [n for n in crossed if not n.startswith("service_")]
-            if policy_crossed and lf.action in ("block_user_for_today", "block_user"):
-                until = utc_day_start(now) + DAY if lf.action == "block_user_for_today" else None
-                if await self._restrict(sender, tenant, until, f"limit:{policy_crossed[0]}", now):
-                    done.append(f"restricted:{lf.action}")
+        over = [n for n in lf.exceeded if n != "service_messages_per_minute"]
+        if over and lf.action in ("block_user_for_today", "block_user"):
+            until = utc_day_start(now) + DAY if lf.action == "block_user_for_today" else None
+            if await self._restrict(sender, tenant, until, f"limit:{over[0]}", now):
+                done.append(f"restricted:{lf.action}")
+        for name in lf.exceeded:
+            if not await self._first_today(f"alert:{tenant}:{sender}:{name}", now):
+                continue
             await send_alert(tenant, f"Sending limit reached by {sender}",
-                             f"{sender} went over {', '.join(crossed)} (policy {lf.policy!r}, action "
+                             f"{sender} went over {name} (policy {lf.policy!r}, action "
                              f"{lf.action or 'none'}).\nIts further mail leaves through the high-risk pool"
                              + (" and it is restricted from sending" if done else "") + ".\n"
                              f"Release with: poolmta senders release {sender}\n")
@@ -179,6 +204,10 @@ class Limits:
                                      "until the end of the UTC day.\n"
                                      f"Release with: poolmta senders release {sender}\n")
         return done
+
+    async def _first_today(self, key: str, now: float) -> bool:
+        before, _ = await self.state.add(key, 1, now, math.nextafter(utc_day_start(now), -math.inf))
+        return before == 0
 
     async def _restrict(self, sender: str, tenant: str, until: float | None, reason: str, now: float) -> bool:
         if await self.state.released_on_day("user", sender, now):

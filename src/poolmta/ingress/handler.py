@@ -142,6 +142,9 @@ class IngressHandler:
         if isinstance(params, Refuse):
             return str(params)
         facts = self.facts(session)
+        restricted = await self._restricted(session, envelope.mail_from or "")
+        if restricted:                         # restricted since its MAIL FROM (another node, an admin)
+            return str(restricted)
         verdict = acceptance.check_recipient(address, facts, self.directory, notify=params.notify,
                                              orcpt=params.orcpt, mail_from=envelope.mail_from or "", srs=self.srs)
         if isinstance(verdict, Refuse):

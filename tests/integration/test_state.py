@@ -527,3 +527,9 @@ async def test_many_concurrent_adds_with_real_clock_are_exact(state):
         return await state.add("conc", 1, now, now - HOUR)
     results = await asyncio.gather(*(one() for _ in range(50)))
     assert sorted(a for _, a in results) == list(range(1, 51))
+
+
+async def test_add_many_is_add_for_each(state):
+    assert await state.add("m1", 2, T0, T0 - HOUR) == (0, 2)
+    got = await state.add_many([("m1", 3, T0 + 1 - HOUR), ("m2", 1, T0 + 1 - 60), ("m1", 0, T0 + 1 - DAY)], T0 + 1)
+    assert got == [(2, 5), (0, 1), (5, 5)]

@@ -121,38 +121,38 @@ class Limits:
         n_ext = sum(1 for r in env.recipients if not self.directory.is_accepted(tenant, domain_of(r.address)))
         n_int = len(env.recipients) - n_ext
         k = f"{tenant}:{sender}"
+        # (name, key, amount, since, limit, applies the policy's action); one round trip for all.
+        windows: list[tuple[str, str, int, float, int, bool]] = []
+        if n_ext:
+            windows.append(("recipient_limit_external_per_hour", f"ext:{k}", n_ext, now - HOUR,
+                            policy.recipient_limit_external_per_hour, True))
+            if not auto:
+                windows.append(("", f"tenant-ext:{tenant}", n_ext, now - DAY, 0, False))
+        if n_int:
+            windows.append(("recipient_limit_internal_per_hour", f"int:{k}", n_int, now - HOUR,
+                            policy.recipient_limit_internal_per_hour, True))
+        # (since, now]: just before midnight, so an event at 00:00:00 counts in its own day.
+        windows.append(("recipient_limit_per_day", f"day:{k}", len(env.recipients),
+                        math.nextafter(utc_day_start(now), -math.inf), policy.recipient_limit_per_day, True))
+        # The service recipient limit is the policy's too (0 in a policy means "the
+        # service default"): crossing it applies the policy's action.
+        windows.append(("service_recipients_per_day", f"rcpt24:{k}", len(env.recipients), now - DAY,
+                        self.cfg.limits.recipients_per_day, True))
+        windows.append(("service_messages_per_minute", f"msg:{k}", 1, now - 60,
+                        self.cfg.limits.messages_per_minute, False))
+        results = await self.state.add_many([(key, amount, since) for _, key, amount, since, _, _ in windows], now)
         counts: dict[str, int] = {}
         exceeded: list[str] = []
         policy_hit = False
-
-        async def window(name: str, key: str, amount: int, since: float, limit: int, is_policy: bool) -> None:
-            nonlocal policy_hit
-            before, after = await self.state.add(key, amount, now, since)
+        for (name, _, _, _, limit, is_policy), (before, after) in zip(windows, results):
+            if not name:
+                continue
             counts[name] = after
             if limit and after > limit:
                 exceeded.append(name)
                 policy_hit = policy_hit or is_policy
                 if before <= limit:
                     counts[f"{name}:crossed"] = 1
-
-        if n_ext:
-            await window("recipient_limit_external_per_hour", f"ext:{k}", n_ext, now - HOUR,
-                         policy.recipient_limit_external_per_hour, True)
-            if not auto:
-                await self.state.add(f"tenant-ext:{tenant}", n_ext, now, now - DAY)
-        if n_int:
-            await window("recipient_limit_internal_per_hour", f"int:{k}", n_int, now - HOUR,
-                         policy.recipient_limit_internal_per_hour, True)
-        # (since, now]: just before midnight, so an event at 00:00:00 counts in its own day.
-        await window("recipient_limit_per_day", f"day:{k}", len(env.recipients),
-                     math.nextafter(utc_day_start(now), -math.inf),
-                     policy.recipient_limit_per_day, True)
-        # The service recipient limit is the policy's too (0 in a policy means "the
-        # service default"): crossing it applies the policy's action.
-        await window("service_recipients_per_day", f"rcpt24:{k}", len(env.recipients), now - DAY,
-                     self.cfg.limits.recipients_per_day, True)
-        await window("service_messages_per_minute", f"msg:{k}", 1, now - 60, self.cfg.limits.messages_per_minute,
-                     False)
         return LimitFact(tuple(exceeded), sender, policy.name,
                          policy.action_when_limit_reached if policy_hit else "", counts)
 

@@ -47,6 +47,9 @@ class SenderState(Protocol):
     async def add(self, key: str, amount: int, now: float, since: float) -> tuple[int, int]:
         """Record AMOUNT at NOW under KEY; return (total before, total after) within (since, now]."""
 
+    async def add_many(self, items: list[tuple[str, int, float]], now: float) -> list[tuple[int, int]]:
+        """``add`` for several (key, amount, since) at NOW, in one round trip; each key atomic."""
+
     async def count(self, key: str, now: float, since: float) -> int:
         """Total under KEY within (since, now]."""
 

@@ -66,6 +66,8 @@ state/open.py (the factory)
 
 from __future__ import annotations
 
+import asyncio
+
 import math
 import uuid
 
@@ -305,6 +307,10 @@ class RedisState:
                                      args=[_f(now), _f(since), _f(prune_before), member, amount, ttl]))
         # The new event is at NOW: inside (since, now] unless the window is empty.
         return before, before + amount if since < now else before
+
+    async def add_many(self, items: list[tuple[str, int, float]], now: float) -> list[tuple[int, int]]:
+        """Several adds at NOW, sent together (each one its own atomic script)."""
+        return list(await asyncio.gather(*(self.add(k, a, now, s) for k, a, s in items)))
 
     async def count(self, key: str, now: float, since: float) -> int:
         return int(await self._count(keys=[self._wkey(key), self._bkey(key)], args=[_f(now), _f(since)]))

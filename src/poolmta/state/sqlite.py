@@ -155,6 +155,27 @@ class SQLiteState:
 
         return await self._run(lambda con: self._tx(con, op))
 
+    async def add_many(self, items: list[tuple[str, int, float]], now: float) -> list[tuple[int, int]]:
+        """Several adds at NOW in one transaction and one thread hop: (key, amount, since) each."""
+        now = float(now)
+        for _, amount, _ in items:
+            if amount < 0:
+                raise ValueError(f"amount must not be negative: {amount}")
+
+        def op(con: sqlite3.Connection) -> list[tuple[int, int]]:
+            out = []
+            for key, amount, since in items:
+                since = float(since)
+                before = con.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE key=? AND ts>?",
+                                     (key, since)).fetchone()[0]
+                if amount:
+                    con.execute("INSERT INTO events(key, ts, amount) VALUES(?,?,?)", (key, now, amount))
+                con.execute("DELETE FROM events WHERE key=? AND ts<?", (key, min(since, now - self.retention)))
+                out.append((before, before + amount if since < now else before))
+            return out
+
+        return await self._run(lambda con: self._tx(con, op))
+
     async def count(self, key: str, now: float, since: float) -> int:
         def op(con: sqlite3.Connection) -> int:
             return con.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE key=? AND ts>?",

@@ -10,7 +10,7 @@ import dkim
 import pytest
 
 from poolmta.rewrite.keys import active_key
-from tests.support.harness import World, trace_summary
+from tests.support.harness import World, trace_summary, wait_summary
 
 NORMAL = {"127.0.0.2", "127.0.0.5"}
 HIGH_RISK = "127.0.0.3"
@@ -34,16 +34,6 @@ def arrived_for(world, rcpt: str, subject: str):
     return [m for m in world.dest.to(rcpt) if subject.encode() in m.content][-1]
 
 
-def summary(world, qid, pred):
-    end = time.time() + 20
-    while time.time() < end:
-        s = trace_summary(world.data_dir, qid)
-        if pred(s):
-            return s
-        time.sleep(0.1)
-    raise AssertionError(trace_summary(world.data_dir, qid))
-
-
 def zone_dnsfunc(world):
     def f(name, timeout=5):
         rec = world.dns.resolver.zone.get(name.decode().rstrip(".").lower(), {})
@@ -61,7 +51,7 @@ def test_spf_pass_forward_stays_normal_with_srs(world):
     head = m.content.split(b"\r\n\r\n")[0]
     assert b"spf=pass" in head and b"X-Poolmta-Original-Client-IP: 127.0.0.51" in head
     assert b"ARC-Seal: i=1;" in head and b"cv=none" in head
-    s = summary(world, qid, lambda s: s.get("delivered") == 1)
+    s = wait_summary(world, qid, lambda s: s.get("delivered") == 1)
     assert s["routed"] == "normal" and s["reasons"] == ["forward-authenticated"]
     assert SRS_reverse(world, m.mail_from) == "someone@external.test"
 
@@ -83,7 +73,7 @@ def test_spf_fail_forward_goes_to_relay_pool_unrewritten(world):
     head = m.content.split(b"\r\n\r\n")[0]
     assert b"spf=fail" in head and b"spf=pass" not in head
     assert b"ARC-Seal: i=1;" in head                       # the trail is kept for relayed mail too
-    assert summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["relay-unauthenticated"]
+    assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["relay-unauthenticated"]
 
 
 def test_aligned_dkim_pass_from_unauthorised_ip_stays_normal_with_srs(world):
@@ -97,7 +87,7 @@ def test_aligned_dkim_pass_from_unauthorised_ip_stays_normal_with_srs(world):
     assert m.peer in NORMAL and m.mail_from.startswith("SRS0=")
     head = m.content.split(b"\r\n\r\n")[0]
     assert b"spf=fail" in head and b"dkim=pass" in head and b"header.d=signer.test" in head
-    assert summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["forward-authenticated"]
+    assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["forward-authenticated"]
 
 
 @pytest.mark.parametrize("connector_ip,pool,reason", [
@@ -116,7 +106,7 @@ def test_skip_listing_finds_the_original_client(world, connector_ip, pool, reaso
     head = m.content.split(b"\r\n\r\n")[0]
     want_ip = b"127.0.0.51" if pool == "normal" else connector_ip.encode()
     assert b"X-Poolmta-Original-Client-IP: " + want_ip in head
-    assert summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == [reason]
+    assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == [reason]
 
 
 def test_bounce_to_srs_address_reaches_the_original_sender_from_high_risk(world):
@@ -132,7 +122,7 @@ def test_bounce_to_srs_address_reaches_the_original_sender_from_high_risk(world)
                                     if b"Returned to Sender (srs)" in m.content])
     m = [m for m in world.dest.to("someone@external.test") if b"Returned to Sender (srs)" in m.content][-1]
     assert (m.peer, m.mail_from) == (HIGH_RISK, "")
-    assert summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"][0] == "dsn"
+    assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"][0] == "dsn"
 
 
 def test_forged_srs_address_is_refused(world):
@@ -152,7 +142,7 @@ def test_our_outbound_mail_is_dkim_signed_and_verifies(world):
     sig = email.message_from_bytes(m.content)["DKIM-Signature"]
     assert "d=contoso.test" in sig.replace(" ", "") and "c=relaxed/relaxed" in sig.replace(" ", "")
     assert dkim.verify(m.content, dnsfunc=zone_dnsfunc(world))
-    assert summary(world, qid, lambda s: s.get("delivered") == 1)["routed"] == "normal"
+    assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["routed"] == "normal"
 
 
 def test_domain_without_key_goes_out_unsigned_and_says_so(world):
@@ -185,7 +175,7 @@ def test_filter_connector_mail_claiming_our_domain_is_not_signed(world):
     m = arrived_for(world, "partner@dest.test", "forged through filter")
     assert m.peer == RELAY
     assert b"DKIM-Signature" not in m.content.split(b"\r\n\r\n")[0]
-    assert summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["relay-unauthenticated"]
+    assert wait_summary(world, qid, lambda s: s.get("delivered") == 1)["reasons"] == ["relay-unauthenticated"]
 
 
 def SRS_reverse(world, address: str) -> str:

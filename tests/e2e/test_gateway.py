@@ -10,7 +10,7 @@ import time
 import pytest
 
 from poolmta.assess.spam import GTUBE
-from tests.support.harness import World, corpus, poolmta, trace_events, trace_summary
+from tests.support.harness import World, corpus, poolmta, trace_events, trace_summary, wait_summary
 
 NORMAL = {"127.0.0.2", "127.0.0.5"}
 HIGH_RISK = "127.0.0.3"
@@ -26,16 +26,6 @@ def world(tmp_path_factory):
 def simple(subject: str, body: bytes = b"hello\r\n", sender: str = "alice@contoso.test") -> bytes:
     return (f"From: {sender}\r\nTo: someone\r\nSubject: {subject}\r\n"
             f"Message-ID: <{subject.replace(' ', '-')}-{time.time()}@contoso.test>\r\n\r\n").encode() + body
-
-
-def wait_summary(world, qid, pred, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        s = trace_summary(world.data_dir, qid)
-        if pred(s):
-            return s
-        time.sleep(0.1)
-    raise AssertionError(f"trace of {qid} never satisfied the condition: {trace_summary(world.data_dir, qid)}")
 
 
 def test_ham_from_authenticated_user_leaves_from_normal_pool(world):

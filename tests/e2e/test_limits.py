@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.support.harness import PASSWORD, World, poolmta, trace_events, trace_summary
+from tests.support.harness import PASSWORD, World, poolmta, trace_events, trace_summary, wait_summary
 
 NORMAL = {"127.0.0.2", "127.0.0.5"}
 HIGH_RISK = "127.0.0.3"
@@ -24,24 +24,14 @@ def msg(subject: str) -> bytes:
     return f"From: mallory@contoso.test\r\nSubject: {subject}\r\n\r\nbuy now\r\n".encode()
 
 
-def wait(world, qid, pred, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        s = trace_summary(world.data_dir, qid)
-        if pred(s):
-            return s
-        time.sleep(0.1)
-    raise AssertionError(trace_summary(world.data_dir, qid))
-
-
 def test_policy_limit_high_risk_restriction_alert_release(world):
     cfg = str(world.config_path)
     # 2 external recipients: within the policy's 3 per hour
     q1 = world.send(msg("one"), "mallory@contoso.test", ["v1@dest.test", "v2@dest.test"], auth="mallory@contoso.test")
     # 2 more: 4 > 3, this message crosses the limit
     q2 = world.send(msg("two"), "mallory@contoso.test", ["v3@dest.test", "v4@dest.test"], auth="mallory@contoso.test")
-    assert wait(world, q1, lambda s: s.get("delivered") == 2)["routed"] == "normal"
-    s2 = wait(world, q2, lambda s: s.get("delivered") == 2)
+    assert wait_summary(world, q1, lambda s: s.get("delivered") == 2)["routed"] == "normal"
+    s2 = wait_summary(world, q2, lambda s: s.get("delivered") == 2)
     assert s2["routed"] == "high-risk" and s2["reasons"] == ["limit:recipient_limit_external_per_hour"]
     world.dest.wait_for(lambda ms: world.dest.to("v4@dest.test"))
     assert {m.peer for m in world.dest.to("v1@dest.test")} <= NORMAL
@@ -70,7 +60,7 @@ def test_policy_limit_high_risk_restriction_alert_release(world):
     assert r.returncode == 0, r.stderr
     assert "mallory@contoso.test" not in poolmta("senders", "list", "--config", cfg).stdout
     q3 = world.send(msg("three"), "mallory@contoso.test", ["v5@dest.test"], auth="mallory@contoso.test")
-    s3 = wait(world, q3, lambda s: s.get("delivered") == 1)
+    s3 = wait_summary(world, q3, lambda s: s.get("delivered") == 1)
     assert s3["routed"] == "high-risk"               # still over the hourly limit: the excess stays high-risk
     assert "mallory@contoso.test" not in poolmta("senders", "list", "--config", cfg).stdout
     released = trace_events(world.data_dir, "sender:mallory@contoso.test")
@@ -169,7 +159,7 @@ def test_repeated_spam_restricts_the_sender(world):
     body = b"From: trudy@contoso.test\r\nSubject: win\r\n\r\n" + GTUBE + b"\r\n"
     qids = [world.send(body, "trudy@contoso.test", [f"spam{i}@dest.test"], auth="trudy@contoso.test")
             for i in range(5)]
-    assert all(wait(world, q, lambda s: s.get("delivered") == 1)["routed"] == "high-risk" for q in qids)
+    assert all(wait_summary(world, q, lambda s: s.get("delivered") == 1)["routed"] == "high-risk" for q in qids)
     acts = [e for e in trace_events(world.data_dir, qids[-1]) if e["event"] == "sender-action"]
     assert acts and "restricted:spam-volume" in acts[0]["actions"]
     with world.smtp("127.0.0.60") as s:
@@ -186,7 +176,7 @@ def test_spam_engine_down_defer_or_high_risk_per_tenant(world):
         world.send(body, "f@fragile.test", ["d1@dest.test"], auth="f@fragile.test")
     assert e.value.smtp_code == 451 and b"4.7.1" in e.value.smtp_error
     qid = world.send(body, "s@sturdy.test", ["d2@dest.test"], auth="s@sturdy.test")   # "high-risk"
-    s = wait(world, qid, lambda s: s.get("delivered") == 1)
+    s = wait_summary(world, qid, lambda s: s.get("delivered") == 1)
     assert s["routed"] == "high-risk" and s["reasons"] == ["spam-check-failed"]
     spam = [e for e in trace_events(world.data_dir, qid) if e["event"] == "assessed"][0]["spam"]
     assert spam["failed"] and spam["engine"] == "spamassassin"

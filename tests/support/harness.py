@@ -266,6 +266,17 @@ def trace_summary(data_dir: Path, queue_id: str) -> dict:
         con.close()
 
 
+def wait_summary(world: "World", queue_id: str, pred, timeout: float = 20.0) -> dict:
+    """Wait until the trace summary of QUEUE_ID satisfies PRED; return it."""
+    end = time.time() + timeout
+    while time.time() < end:
+        s = trace_summary(world.data_dir, queue_id)
+        if pred(s):
+            return s
+        time.sleep(0.1)
+    raise AssertionError(f"trace of {queue_id} never satisfied the condition: {trace_summary(world.data_dir, queue_id)}")
+
+
 def trace_events(data_dir: Path, queue_id: str) -> list[dict]:
     from poolmta.trace import query
     con = query.open_readonly(str(data_dir))

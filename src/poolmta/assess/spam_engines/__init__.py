@@ -38,3 +38,15 @@ def truncate(content: bytes, max_size: int) -> bytes:
     head = content[:max_size]
     nl = head.rfind(b"\n")
     return head[:nl + 1] if nl > 0 else head
+
+
+def why(e: BaseException) -> str:
+    """A short reason for a failed exchange with an engine, for the trace."""
+    import asyncio
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    if isinstance(e, asyncio.IncompleteReadError):
+        return "connection closed in the middle of the answer"
+    return f"{type(e).__name__}: {e}".rstrip(": ")

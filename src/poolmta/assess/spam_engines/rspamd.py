@@ -46,7 +46,7 @@ import ssl
 from urllib.parse import urlsplit
 
 from ...model import SpamFact
-from . import EngineError, truncate
+from . import EngineError, truncate, why
 
 MAX_ANSWER = 1024 * 1024           # symbols with options can be long, but not this long
 SPAM_ACTIONS = frozenset({"reject", "add header", "rewrite subject"})
@@ -151,16 +151,6 @@ async def _exchange(url: str, data: bytes, envelope: dict) -> tuple[int, bytes]:
         writer.close()
 
 
-def _why(e: BaseException) -> str:
-    if isinstance(e, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
-    if isinstance(e, asyncio.IncompleteReadError):
-        return "connection closed in the middle of the answer"
-    return f"{type(e).__name__}: {e}".rstrip(": ")
-
-
 def _weight(symbol) -> float:
     try:
         return abs(float(symbol.get("score", 0) or 0)) if isinstance(symbol, dict) else 0.0
@@ -203,7 +193,7 @@ async def check(content: bytes, url: str, *, timeout: float = 10.0, max_size: in
         raise
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
             ValueError, ssl.SSLError) as e:
-        raise EngineError(f"rspamd {url}: {_why(e)}") from None
+        raise EngineError(f"rspamd {url}: {why(e)}") from None
     fact = parse_reply(status, body)
     if len(data) < len(content):
         fact = SpamFact(fact.is_spam, fact.engine, fact.detail + f" (first {len(data)} of {len(content)} bytes)",

@@ -38,7 +38,7 @@ import asyncio
 import re
 
 from ...model import SpamFact
-from . import EngineError, truncate
+from . import EngineError, truncate, why
 
 DEFAULT_PORT = 783
 MAX_ANSWER = 256 * 1024            # a SYMBOLS answer is a few hundred bytes
@@ -98,14 +98,6 @@ async def _exchange(address: str, request: bytes) -> bytes:
         writer.close()
 
 
-def _why(e: BaseException) -> str:
-    if isinstance(e, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
-    return f"{type(e).__name__}: {e}".rstrip(": ")
-
-
 def parse_answer(answer: bytes) -> tuple[dict[str, str], bytes]:
     """(headers by lower-case name, body) of a spamd answer; EngineError when it is not one."""
     head, sep, body = answer.partition(b"\r\n\r\n")
@@ -139,7 +131,7 @@ async def check(content: bytes, address: str, *, timeout: float = 10.0, max_size
     except EngineError:
         raise
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, EOFError) as e:
-        raise EngineError(f"spamd {address}: {_why(e)}") from None
+        raise EngineError(f"spamd {address}: {why(e)}") from None
     headers, body = parse_answer(answer)
     m = _SPAM.match(headers.get("spam", ""))
     if not m:

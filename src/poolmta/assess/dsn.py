@@ -14,6 +14,7 @@ SEE ALSO: route/rules.py (rule "dsn")
 
 from __future__ import annotations
 
+import functools
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -29,7 +30,14 @@ def header_block(content: bytes) -> bytes:
 
 
 def headers(content: bytes) -> EmailMessage:
-    return BytesHeaderParser(policy=compat32).parsebytes(header_block(content))
+    """The parsed header block (read-only: the result is shared). Several checks
+    (dsn, spam, limits) read the same message's headers; it is parsed once."""
+    return _parse_headers(header_block(content))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_headers(block: bytes) -> EmailMessage:
+    return BytesHeaderParser(policy=compat32).parsebytes(block)
 
 
 async def check(msg: Message, ctx=None) -> DsnFact:

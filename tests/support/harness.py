@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from poolmta.rewrite.keys import keygen
 from poolmta.tenancy import hash_password
@@ -153,8 +154,14 @@ auto_forwarding = "off"
 
 
 class World:
-    def __init__(self, workdir: Path):
+    """``mx_sinks=False`` starts no Python sink on 127.0.0.20/.21 (a caller puts its own
+    receiver on ``mx_port`` there, e.g. Postfix's smtp-sink in bench/run.py);
+    ``config_edit`` rewrites the gateway's config text before it is written."""
+
+    def __init__(self, workdir: Path, *, mx_sinks: bool = True, config_edit: Callable[[str], str] | None = None):
         self.workdir = Path(workdir)
+        self.mx_sinks = mx_sinks
+        self.config_edit = config_edit
         self.data_dir = self.workdir / "spool"
         self.mx_port = free_port("127.0.0.20")
         self.dns = TestDNSServer(ZONE)
@@ -168,11 +175,12 @@ class World:
 
     def start(self) -> "World":
         self.dns.start()
-        self.dest.start()
-        self.contoso.start()
+        if self.mx_sinks:
+            self.dest.start()
+            self.contoso.start()
         self.key_dir = self.workdir / "dkim"
-        self.config_path.write_text(config_text(str(self.data_dir), self.listen_port, self.mx_port, self.dns.port,
-                                                str(self.key_dir)))
+        text = config_text(str(self.data_dir), self.listen_port, self.mx_port, self.dns.port, str(self.key_dir))
+        self.config_path.write_text(self.config_edit(text) if self.config_edit else text)
         # Our DKIM key for contoso.test, and a third party's for signer.test, published in the test zone.
         made = keygen(str(self.key_dir), "contoso.test")
         self.dns.resolver.zone[made.name] = {"TXT": [made.value]}

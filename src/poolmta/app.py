@@ -33,7 +33,9 @@ log = logging.getLogger("poolmta")
 
 
 class Gateway:
-    def __init__(self, cfg: Config, clock: Clock | None = None, resolver=None, connector=None):
+    def __init__(self, cfg: Config, clock: Clock | None = None, resolver=None, connector=None, *,
+                 worker: int = 0, workers: int = 1):
+        """``worker`` of ``workers``: which of the processes sharing the spool this is (master.py)."""
         from .deliver.scheduler import Scheduler
         from .ingress.server import IngressServer
 
@@ -42,7 +44,7 @@ class Gateway:
         self.resolver = resolver or make_resolver(cfg.dns.nameservers, cfg.dns.timeout, cfg.dns.cache_ttl_max,
                                                   self.clock)
         self.directory = Directory(cfg)
-        self.spool = SQLiteSpool(cfg.server.data_dir)
+        self.spool = SQLiteSpool(cfg.server.data_dir, shard=worker, shards=workers)
         self.trace = Recorder(self.clock, self.spool)
         self.srs = SRS.from_config(cfg.srs, self.clock) if cfg.srs.domain else None
         self.state = open_state(cfg)
@@ -58,7 +60,8 @@ class Gateway:
                                    hostname=cfg.server.hostname, connector=connector)
         self.pipeline.on_queued = self.scheduler.wake
         self.pipeline.on_refused = self.scheduler.sweep_dsns_soon
-        self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock, self.srs, self.limits)
+        self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock, self.srs, self.limits,
+                                     reuse_port=workers > 1)
 
     async def start(self) -> None:
         if hasattr(self.state, "ping"):
@@ -76,9 +79,9 @@ class Gateway:
         await self.state.close()
 
 
-async def serve(cfg: Config, ready=None) -> None:
-    """Run a gateway until SIGTERM/SIGINT."""
-    gw = Gateway(cfg)
+async def serve(cfg: Config, ready=None, *, worker: int = 0, workers: int = 1) -> None:
+    """Run a gateway until SIGTERM/SIGINT (one worker of ``workers``: master.py)."""
+    gw = Gateway(cfg, worker=worker, workers=workers)
     await gw.start()
     if ready:
         ready(gw)

@@ -81,15 +81,52 @@ def cmd_serve(args) -> int:
               f"set server.data_dir in the config or pass --data-dir", file=sys.stderr)
         return 2
 
+    from . import master
+    workers = master.worker_count(cfg.server.workers)
+    host = cfg.server.listen.rsplit(':', 1)[0]
+
     def ready(gw):
-        print(f"poolmta: listening on {cfg.server.listen.rsplit(':', 1)[0]}:{gw.ingress.port}; "
+        print(f"poolmta: listening on {host}:{gw.ingress.port}; "
+              f"spool {cfg.server.data_dir}; config {cfg.source_file}", file=sys.stderr, flush=True)
+    if workers == 1:
+        try:
+            _run_event_loop(serve(cfg, ready))
+        except OSError as e:
+            print(f"poolmta: cannot start: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    from .ingress.server import listen_address
+    bind_host, port = listen_address(cfg.server.listen)
+    reserved = None
+    if port == 0:                        # one port for all workers, picked now
+        reserved = master.reserve_port(bind_host)
+        port = reserved.getsockname()[1]
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, listen=f"{host}:{port}"))
+
+    from .spool.sqlite import prepare as prepare_spool
+    from .state.open import prepare_state
+    prepare_spool(cfg.server.data_dir)            # once, before the workers open the files
+    prepare_state(cfg)
+
+    def worker_main(number: int, tell_ready) -> int:
+        from .spool.store import set_worker
+        set_worker(number)
+        try:
+            _run_event_loop(serve(cfg, lambda gw: tell_ready(), worker=number, workers=workers))
+        except OSError as e:
+            print(f"poolmta: worker {number} cannot start: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    def all_ready():
+        print(f"poolmta: listening on {host}:{port} with {workers} workers; "
               f"spool {cfg.server.data_dir}; config {cfg.source_file}", file=sys.stderr, flush=True)
     try:
-        _run_event_loop(serve(cfg, ready))
-    except OSError as e:
-        print(f"poolmta: cannot start: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return master.run(workers, worker_main, all_ready)
+    finally:
+        if reserved is not None:
+            reserved.close()
 
 
 # ---- config --------------------------------------------------------------------

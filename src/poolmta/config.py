@@ -174,6 +174,10 @@ class ServerConfig:
         "Offer AUTH without TLS to clients connecting from a loopback address (testing, local submission)."))
     timeout: float = field(default=300.0, metadata=_doc(
         "Idle timeout of an SMTP session.", parse=parse_duration))
+    workers: int = field(default=1, metadata=_doc(
+        "Worker processes that take and deliver mail (Postfix runs many smtpd and smtp processes too): they share "
+        "the listen port (SO_REUSEPORT) and the spool, and each delivers the mail it accepted. 0 = one per CPU, "
+        "at most 16. One event loop uses one core at most: on a busy multi-core host set 0."))
 
 
 @dataclass(frozen=True)
@@ -584,6 +588,8 @@ def check(cfg: Config) -> list[Problem]:
             parse_hostport(s.listen, 25)
     except ValueError as e:
         out.append(Problem("server.listen", str(e)))
+    if not 0 <= s.workers <= 16:
+        out.append(Problem("server.workers", "must be 0 (one per CPU) to 16"))
     if s.max_hops < 1:
         out.append(Problem("server.max_hops", "must be at least 1"))
     if s.max_recipients < 1:

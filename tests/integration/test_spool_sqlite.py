@@ -7,7 +7,7 @@ import sqlite3
 from poolmta.model import Decision, DomainState, DsnFact, Envelope, Facts, ForwardFact, Message, Origin, Recipient, \
     Role, SourceDomainFact, SpamFact
 from poolmta.spool import RecipientState, RecipientUpdate, new_queue_id
-from poolmta.spool.sqlite import SQLiteSpool
+from poolmta.spool.sqlite import SCHEMA, SQLiteSpool
 
 FACTS = Facts(DsnFact(False), SourceDomainFact("contoso.test", DomainState.RESOLVES), SpamFact(False),
               ForwardFact(False))
@@ -197,3 +197,55 @@ async def test_due_is_not_starved_by_large_groups_in_flight_and_never_splits_a_g
         assert got[0][2] == list(range(60))
     finally:
         await spool.close()
+
+
+async def test_workers_sharing_the_file_each_deliver_only_their_own_shard(tmp_path):
+    """server.workers > 1: both write the same file; each sees only the mail it accepted as due."""
+    w0, w1 = SQLiteSpool(tmp_path, shard=0, shards=2), SQLiteSpool(tmp_path, shard=1, shards=2)
+    try:
+        m0, m1 = message(now=1000.0), message(now=1001.0)
+        await asyncio.gather(w0.accept(m0, FACTS, DECISION), w1.accept(m1, FACTS, DECISION))
+        assert {q for q, _, _ in await w0.due(2000.0, 10, set())} == {m0.queue_id}
+        assert {q for q, _, _ in await w1.due(2000.0, 10, set())} == {m1.queue_id}
+        assert await w0.next_due_time() == 1000.0 and await w1.next_due_time() == 1001.0
+        # Either worker can read, update and list every message (operators' commands, DSNs).
+        assert (await w1.get(m0.queue_id)).message.queue_id == m0.queue_id
+        assert len(await w0.list()) == 2
+    finally:
+        await w0.close()
+        await w1.close()
+    # Restarted with one worker: nothing is orphaned, it takes both shards.
+    one = SQLiteSpool(tmp_path)
+    try:
+        assert {q for q, _, _ in await one.due(2000.0, 10, set())} == {m0.queue_id, m1.queue_id}
+    finally:
+        await one.close()
+
+
+async def test_a_spool_from_before_shards_is_migrated_and_keeps_its_mail(tmp_path):
+    con = sqlite3.connect(tmp_path / "spool.db")
+    old_schema = SCHEMA.replace("    shard        INTEGER NOT NULL DEFAULT 0,\n", "")
+    assert old_schema != SCHEMA
+    con.executescript(old_schema)
+    con.execute("INSERT INTO recipients(queue_id, idx, address, domain, state, next_attempt, updated)"
+                " VALUES ('Q1', 0, 'r@d.test', 'd.test', 'queued', 5.0, 5.0)")
+    con.commit()
+    con.close()
+    spool = SQLiteSpool(tmp_path, shard=0, shards=2)
+    try:
+        assert await spool.due(10.0, 10, set()) == [("Q1", "d.test", [0])]
+    finally:
+        await spool.close()
+
+
+def test_queue_ids_of_different_workers_never_collide():
+    from poolmta.spool import store
+    try:
+        store.set_worker(3)
+        a = {new_queue_id() for _ in range(2000)}
+        store.set_worker(4)
+        b = {new_queue_id() for _ in range(2000)}
+    finally:
+        store._worker = None
+    assert len(a) == 2000 and len(b) == 2000 and not a & b
+    assert {q[13] for q in a} == {"3"} and {q[13] for q in b} == {"4"}

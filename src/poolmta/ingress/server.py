@@ -438,8 +438,10 @@ class PoolSMTP(SMTP):
 class IngressServer:
     """The SMTP listener of one gateway: ``await start()``, ``.port``, ``await stop()``."""
 
-    def __init__(self, cfg: Config, directory: Directory, pipeline, clock, srs=None, limits=None):
+    def __init__(self, cfg: Config, directory: Directory, pipeline, clock, srs=None, limits=None, *,
+                 reuse_port: bool = False):
         self.cfg = cfg
+        self.reuse_port = reuse_port          # several worker processes listen on the same port
         self.handler = IngressHandler(cfg, directory, pipeline, clock, srs, limits)
         self.host = ""
         self.port = 0
@@ -455,7 +457,7 @@ class IngressServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: PoolSMTP(self.handler, server_cfg=s, tls_context=self._tls, sessions=self.sessions, loop=loop),
-            self.host, port)
+            self.host, port, reuse_port=self.reuse_port or None)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("ingress listening on %s port %d (STARTTLS %s)", self.host, self.port,
                  "on" if self._tls else "off")

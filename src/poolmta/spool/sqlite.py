@@ -13,6 +13,12 @@ that changes after every attempt. When a message has no pending recipient
 left, and no DSN is still owed for a bounced or expired recipient, its body
 is dropped; the envelope, recipient results and trace stay.
 
+Several worker processes may share the file (``server.workers``): each
+writes under SQLite's write lock with its own group commit, and each delivers
+only the recipients of its own *shard*, the ``shard`` column written at
+accept (the accepting worker's number). A worker takes ``shard % shards ==
+its number``, so after a restart with fewer workers no shard is orphaned.
+
 Operations a caller may rely on:
 
 - ``due(now, limit, busy)`` selects whole (queue id, domain) groups in SQL
@@ -92,6 +98,7 @@ CREATE TABLE IF NOT EXISTS recipients(
     remote_mta   TEXT NOT NULL DEFAULT '',
     dsn_sent     INTEGER NOT NULL DEFAULT 0,
     updated      REAL NOT NULL,
+    shard        INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY(queue_id, idx)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state IN ('queued', 'deferred');
@@ -116,6 +123,30 @@ def _connect(path: str) -> sqlite3.Connection:
     return con
 
 
+def _migrate(con: sqlite3.Connection) -> None:
+    """Bring a spool written by an earlier version up to SCHEMA (columns added since)."""
+    cols = {r[1] for r in con.execute("PRAGMA table_info(recipients)")}
+    if "shard" not in cols:
+        con.execute("ALTER TABLE recipients ADD COLUMN shard INTEGER NOT NULL DEFAULT 0")
+
+
+def prepare(data_dir: str | os.PathLike) -> None:
+    """Create or migrate ``DATA_DIR/spool.db`` and switch it to WAL, then close it.
+    The master (master.py) does this once before forking workers: two processes
+    switching one new file to WAL at the same moment get "database is locked"."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    con = _connect(str(Path(data_dir) / "spool.db"))
+    try:
+        con.executescript(SCHEMA)
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            _migrate(con)
+        finally:
+            con.execute("COMMIT")
+    finally:
+        con.close()
+
+
 class _Writer(threading.Thread):
     """Group commit: run every waiting operation in one transaction."""
 
@@ -123,6 +154,11 @@ class _Writer(threading.Thread):
         super().__init__(name="spool-writer", daemon=True)
         self.con = _connect(path)
         self.con.executescript(SCHEMA)
+        self.con.execute("BEGIN IMMEDIATE")          # one process migrates at a time
+        try:
+            _migrate(self.con)
+        finally:
+            self.con.execute("COMMIT")
         self.q: queue.Queue = queue.Queue()
         self.batches = 0
         self.ops = 0
@@ -207,7 +243,13 @@ def _message_id(content: bytes) -> str:
 class SQLiteSpool:
     """The Spool protocol on one SQLite file (``DATA_DIR/spool.db``)."""
 
-    def __init__(self, data_dir: str | os.PathLike):
+    def __init__(self, data_dir: str | os.PathLike, *, shard: int = 0, shards: int = 1):
+        """``shard`` of ``shards``: this worker's number and how many share the file."""
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
+        self.shard, self.shards = shard, shards
+        # SQL that keeps the rows of this worker's shard (nothing to filter for one worker).
+        self._mine = f" AND shard % {shards} = {shard}" if shards > 1 else ""
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         self.path = str(Path(data_dir) / "spool.db")
         self._writer = _Writer(self.path)
@@ -246,7 +288,7 @@ class SQLiteSpool:
         # stored as bounced with its reply, and the DSN sweep reports it.
         rrows = [(msg.queue_id, i, r.address, domain_of(r.address), ",".join(r.notify), r.orcpt, r.original,
                   RecipientState.BOUNCED.value if r.refused else RecipientState.QUEUED.value, 0, now,
-                  r.refused, r.refused.split(" ")[1] if r.refused.count(" ") >= 1 else "", now)
+                  r.refused, r.refused.split(" ")[1] if r.refused.count(" ") >= 1 else "", now, self.shard)
                  for i, r in enumerate(env.recipients)]
         content = msg.content
 
@@ -254,7 +296,8 @@ class SQLiteSpool:
             con.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?)", mrow)
             con.execute("INSERT INTO bodies VALUES (?,?)", (msg.queue_id, content))
             con.executemany("INSERT INTO recipients(queue_id, idx, address, domain, notify, orcpt, original, state,"
-                            " attempts, next_attempt, last_reply, status, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            " attempts, next_attempt, last_reply, status, updated, shard)"
+                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                             rrows)
         await self._write(op)
 
@@ -270,7 +313,7 @@ class SQLiteSpool:
         def op(con: sqlite3.Connection):
             rows = con.execute(
                 "SELECT queue_id, domain, group_concat(idx), MIN(next_attempt) AS first FROM recipients"
-                " WHERE state IN ('queued','deferred') AND next_attempt <= ?"
+                " WHERE state IN ('queued','deferred') AND next_attempt <= ?" + self._mine +
                 " GROUP BY queue_id, domain ORDER BY first, queue_id, domain LIMIT ?",
                 (now, limit + len(busy))).fetchall()
             out: list[tuple[str, str, list[int]]] = []
@@ -285,7 +328,8 @@ class SQLiteSpool:
 
     async def next_due_time(self) -> float | None:
         def op(con):
-            r = con.execute("SELECT MIN(next_attempt) FROM recipients WHERE state IN ('queued','deferred')").fetchone()
+            r = con.execute("SELECT MIN(next_attempt) FROM recipients WHERE state IN ('queued','deferred')"
+                            + self._mine).fetchone()
             return r[0]
         return await self._read(op)
 
@@ -353,7 +397,8 @@ class SQLiteSpool:
         """Messages with failed recipients whose DSN was not made yet (after a crash)."""
         def op(con):
             return [r[0] for r in con.execute(
-                "SELECT DISTINCT queue_id FROM recipients WHERE state IN ('bounced','expired') AND dsn_sent=0")]
+                "SELECT DISTINCT queue_id FROM recipients WHERE state IN ('bounced','expired') AND dsn_sent=0"
+                + self._mine)]
         return await self._read(op)
 
     async def list(self, limit: int = 1000) -> list[QueueEntry]:

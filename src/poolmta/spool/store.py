@@ -137,13 +137,24 @@ class Spool(Protocol):
 
 
 _counter = 0
+_worker: int | None = None           # this process's worker number, when several share the spool
+
+
+def set_worker(number: int) -> None:
+    """Called once by a worker process (``server.workers`` > 1): its number goes
+    into every queue id it makes, so two workers can never make the same one."""
+    global _worker
+    if not 0 <= number < 16:
+        raise ValueError("worker numbers are 0..15")
+    _worker = number
 
 
 def new_queue_id() -> str:
-    """Time-ordered, unique within the host: 11 hex digits of microseconds and 5 of
-    randomness and a counter, upper-case like Postfix's queue ids."""
+    """Time-ordered, unique within the host: 13 hex digits of microseconds, one of
+    the worker's number (random with one process) and three of a counter,
+    upper-case like Postfix's queue ids."""
     global _counter
     _counter = (_counter + 1) & 0xFFF
     us = int(time.time() * 1_000_000) & 0xFFFFFFFFFFFFF
-    rnd = int.from_bytes(os.urandom(1), "big") >> 4
-    return f"{us:013X}{rnd:X}{_counter:03X}"
+    node = _worker if _worker is not None else int.from_bytes(os.urandom(1), "big") >> 4
+    return f"{us:013X}{node:X}{_counter:03X}"

@@ -24,6 +24,13 @@ from ..config import Config
 from . import SenderState
 
 
+def prepare_state(cfg: Config) -> None:
+    """Create the state's file before worker processes open it (master.py); Redis needs nothing."""
+    if cfg.state.backend == "sqlite":
+        from .sqlite import prepare
+        prepare(Path(cfg.server.data_dir) / "state.db")
+
+
 def open_state(cfg: Config) -> SenderState:
     backend = cfg.state.backend
     if backend == "sqlite":

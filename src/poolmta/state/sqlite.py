@@ -94,6 +94,17 @@ def _connect(path: str) -> sqlite3.Connection:
     return con
 
 
+def prepare(path: str | os.PathLike) -> None:
+    """Create the file, its schema and WAL mode, then close it: done once by the
+    master before it forks workers (master.py), which then only open it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    con = _connect(str(path))
+    try:
+        con.executescript(SCHEMA)
+    finally:
+        con.close()
+
+
 def _in_force(until: float | None, now: float) -> bool:
     return until is None or now < until
 

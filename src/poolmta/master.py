@@ -73,6 +73,7 @@ def run(workers: int, worker_main: Callable[[int, Callable[[], None]], int],
         pid = os.fork()
         if pid == 0:                              # the worker
             os.close(r)
+            _die_with_master()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
@@ -152,6 +153,17 @@ def run(workers: int, worker_main: Callable[[int, Callable[[], None]], int],
                 os.close(r)
             pending.clear()
     return exit_code
+
+
+def _die_with_master() -> None:
+    """Ask Linux to send this worker SIGTERM when the master dies (even by SIGKILL),
+    so no orphan keeps the port and the spool; elsewhere a no-op."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)                 # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _reap(children: dict[int, int]) -> None:

@@ -28,6 +28,14 @@ def children(pid: int) -> set[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that may never come in a container is not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def wait_children(pid: int, pred, timeout: float = 20.0) -> set[int]:
     end = time.time() + timeout
     while time.time() < end:
@@ -38,12 +46,20 @@ def wait_children(pid: int, pred, timeout: float = 20.0) -> set[int]:
     raise AssertionError(f"children of {pid}: {children(pid)}")
 
 
+def two_workers(mp: pytest.MonkeyPatch) -> None:
+    """World's configuration, with two workers."""
+    plain = harness.config_text
+
+    def text(*a, **k):
+        t = plain(*a, **k)
+        return t if "workers = 2" in t else t.replace("[server]\n", "[server]\nworkers = 2\n", 1)
+    mp.setattr(harness, "config_text", text)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    plain = harness.config_text
-    mp.setattr(harness, "config_text",
-               lambda *a, **k: plain(*a, **k).replace("[server]\n", "[server]\nworkers = 2\n", 1))
+    two_workers(mp)
     try:
         with World(tmp_path_factory.mktemp("workers")) as w:
             yield w
@@ -93,5 +109,15 @@ def test_sigterm_to_the_master_stops_every_worker(world):
     kids = wait_children(world.proc.pid, lambda k: len(k) == 2)
     world.proc.send_signal(signal.SIGTERM)
     assert world.proc.wait(30) == 0
-    for pid in kids:
-        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1][:3]
+    assert not any(alive(p) for p in kids)
+
+
+def test_workers_do_not_outlive_a_killed_master(tmp_path, monkeypatch):
+    two_workers(monkeypatch)
+    with World(tmp_path) as w:
+        kids = wait_children(w.proc.pid, lambda k: len(k) == 2)
+        w.kill_gateway()                                   # SIGKILL: the master cannot forward anything
+        end = time.time() + 20
+        while time.time() < end and any(alive(p) for p in kids):
+            time.sleep(0.1)
+        assert not any(alive(p) for p in kids)

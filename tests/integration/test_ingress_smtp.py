@@ -300,6 +300,21 @@ async def test_auth_plain_and_login_success_and_failure(gw):
     assert msg.envelope.recipients == (Recipient("bob@partner.example"),)
 
 
+async def test_auth_state_belongs_to_each_connection(gw):
+    """The AUTH methods are looked up once per class (server.py's aiosmtpd shim) but
+    bound per connection: one session's login and failures never leak to another."""
+    a, b = await Raw.open(gw.port), await Raw.open(gw.port)
+    for _ in range(2):
+        assert status(await b.cmd("AUTH PLAIN " + plain("alice@acme.example", "guess"))) == (535, "5.7.8")
+    assert status(await a.cmd("AUTH PLAIN " + plain("alice@acme.example", PASSWORD))) == (235, "2.7.0")
+    assert status(await b.cmd("AUTH PLAIN " + plain("alice@acme.example", "guess"))) == (421, "4.7.0")
+    assert (await transaction(a, "alice@acme.example", ["bob@partner.example"]))[0] == 250
+    await a.close()
+    await b.close()
+    import aiosmtpd.smtp
+    assert type(aiosmtpd.smtp.inspect).__name__ == "_AuthMembersOncePerClass"
+
+
 async def test_auth_refusals(gw):
     c = await Raw.open(gw.port)
     # authorisation identity other than the login: not granted

@@ -10,10 +10,11 @@ SEE ALSO: trace/events.py, trace/query.py, spool/sqlite.py
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from typing import Callable
+
+import orjson
 
 from ..clock import Clock
 from .events import Event, EventKind
@@ -21,6 +22,12 @@ from .events import Event, EventKind
 log = logging.getLogger("poolmta.trace")
 
 Processor = Callable[[Event], Event | None]
+
+
+def encode(data: dict) -> bytes:
+    """An event's data as compact JSON (orjson: dataclasses, enums and tuples as
+    json.dumps would write their dicts, values and lists; anything else as str)."""
+    return orjson.dumps(data, default=str)
 
 
 class Recorder:
@@ -50,7 +57,7 @@ class Recorder:
     @staticmethod
     def _to_spool(spool) -> Processor:
         def proc(ev: Event) -> Event:
-            row = (ev.queue_id, ev.ts, ev.kind.value, json.dumps(ev.data, separators=(",", ":"), default=str))
+            row = (ev.queue_id, ev.ts, ev.kind.value, _encoded(ev).decode())
 
             def op(con: sqlite3.Connection) -> None:
                 con.execute("INSERT INTO events(queue_id, ts, kind, data) VALUES (?,?,?,?)", row)
@@ -59,8 +66,19 @@ class Recorder:
         return proc
 
 
+def _encoded(ev: Event) -> bytes:
+    """The data's JSON, made once per event for both the spool and the log."""
+    cached = getattr(ev, "_json", None)
+    if cached is None:
+        cached = encode(ev.data)
+        object.__setattr__(ev, "_json", cached)
+    return cached
+
+
 def _to_json_log(ev: Event) -> Event:
     if log.isEnabledFor(logging.INFO):
-        log.info(json.dumps({"event": ev.kind.value, "queue_id": ev.queue_id, "ts": round(ev.ts, 6), **ev.data},
-                            separators=(",", ":"), default=str))
+        # {"event":…,"queue_id":…,"ts":…, then the data's own members}
+        head = orjson.dumps({"event": ev.kind.value, "queue_id": ev.queue_id, "ts": round(ev.ts, 6)})
+        data = _encoded(ev)
+        log.info((head[:-1] + b"," + data[1:] if len(data) > 2 else head).decode())
     return ev

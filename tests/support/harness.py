@@ -63,6 +63,33 @@ def free_port(address: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_banner(address: str, port: int, timeout: float = 20.0, check: Callable[[], None] | None = None) -> bool:
+    """Wait until ADDRESS:PORT answers with a 220 greeting (True), at most TIMEOUT seconds (False).
+    CHECK, if given, runs before every try and may raise (e.g. when the server process exited)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check:
+            check()
+        try:
+            with socket.create_connection((address, port), timeout=0.5) as s:
+                if s.recv(100).startswith(b"220"):
+                    return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if PROC has not exited within TIMEOUT seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def config_text(data_dir: str, listen_port: int, mx_port: int, dns_port: int, key_dir: str = "") -> str:
     pw = hash_password(PASSWORD)
     key_dir = key_dir or f"{data_dir}/dkim"
@@ -195,17 +222,12 @@ class World:
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         self.proc = subprocess.Popen([sys.executable, "-m", "poolmta", "serve", "--config", str(self.config_path)],
                                      stdout=log, stderr=log, env=env, cwd=str(self.workdir))
-        deadline = time.time() + 20
-        while time.time() < deadline:
+        def exited() -> None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.listen_port), timeout=0.5) as s:
-                    if s.recv(100).startswith(b"220"):
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("gateway did not start listening within 20 s")
+
+        if not wait_banner("127.0.0.1", self.listen_port, 20, exited):
+            raise RuntimeError("gateway did not start listening within 20 s")
 
     def kill_gateway(self) -> None:
         """kill -9: no clean shutdown at all."""
@@ -214,13 +236,8 @@ class World:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc:
+            stop_process(self.proc)
         for s in (self.dest, self.contoso, self.later):
             try:
                 s.stop()

@@ -70,7 +70,7 @@ SENDERS = {"normal": "app@contoso.test",          # contoso's on-prem connector,
 # Backpressure: every receiver delays replies (RCPT: ~5 %, end of DATA: ~10 % wait 1 s or more;
 # smtp-sink's delays are whole seconds) and busy.test's receiver tempfails every RCPT while the
 # clients submit (smtp-sink cannot tempfail a share of recipients: see BACKPRESSURE_NOTE).
-SINK_DELAYS = ["-W", "rcpt:1:5", "-W", ".:1:10"]
+SINK_DELAYS = ["-p", "-W", "rcpt:1:5", "-W", ".:1:10"]
 BUSY_SHARE = 0.2
 POSTFIX_SETTINGS = {"minimal_backoff_time": "1s", "maximal_backoff_time": "1s", "queue_run_delay": "1s"}
 POOLMTA_BASE_SETTINGS = ["limits.recipients_per_day=1000000000"]
@@ -81,7 +81,9 @@ BACKPRESSURE_NOTE = (
     "instance of a command (`-r RCPT`), not a share. So the backpressure workload sends "
     f"{BUSY_SHARE:.0%} of its messages to {BUSY_RCPT}, whose receiver ({BUSY_IP}) answers every RCPT "
     "with 450 4.3.0 until the last smtp-source has exited, and is then replaced by one that accepts; the "
-    f"rest go to {RCPT}. Both receivers also delay replies: `{' '.join(SINK_DELAYS)}` (whole seconds).")
+    f"rest go to {RCPT}. Both receivers also delay replies: `{' '.join(SINK_DELAYS)}` (whole seconds). They do "
+    "not announce PIPELINING (-p): smtp-sink 3.7 answers pipelined commands out of turn when it delays a reply "
+    "(Postfix's client got `503 5.5.1 Error: need RCPT command` in reply to RCPT and bounced every message).")
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -268,6 +270,18 @@ def tree_cpu(root: int) -> float:
     return total / CLK_TCK
 
 
+def tree_pss_kib(root: int) -> int:
+    """Proportional set size of ROOT's tree: shared pages divided among the processes sharing them."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            m = re.search(r"^Pss:\s+(\d+)", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
+        except OSError:
+            continue
+        total += int(m.group(1)) if m else 0
+    return total
+
+
 def tree_rss_kib(root: int) -> int:
     total = 0
     for pid in process_tree(root):
@@ -438,13 +452,15 @@ class PoolmtaSide:
             return False
         return self._query("SELECT COUNT(*) FROM recipients WHERE state IN ('queued','deferred')")[0][0] == 0
 
-    def mark(self) -> int:
-        return 0
+    def mark(self) -> dict:
+        return {}
 
-    def deferrals(self, since: float, mark: int) -> int:
-        """Failed attempts before delivery, of the recipients of messages received since SINCE."""
-        return self._query("SELECT COALESCE(SUM(r.attempts - 1), 0) FROM recipients r JOIN messages m USING(queue_id)"
-                           " WHERE m.received_at >= ? AND r.attempts > 1", since)[0][0]
+    def outcome(self, since: float, mark: dict) -> tuple[int, int]:
+        """(failed attempts before delivery, recipients not delivered) of the messages received since SINCE."""
+        deferred, failed = self._query(
+            "SELECT COALESCE(SUM(MAX(r.attempts - 1, 0)), 0), COALESCE(SUM(r.state != 'delivered'), 0)"
+            " FROM recipients r JOIN messages m USING(queue_id) WHERE m.received_at >= ?", since)[0]
+        return deferred, failed
 
     def pools(self, since: float) -> dict[str, int]:
         return dict(self._query("SELECT pool, COUNT(*) FROM messages WHERE received_at >= ? GROUP BY pool", since))
@@ -463,11 +479,13 @@ class PostfixSide:
     def drained(self, since: float, expected: int) -> bool:
         return self.pf.queued() == 0
 
-    def mark(self) -> int:
-        return self.pf.log_count(r"status=deferred")
+    def mark(self) -> dict:
+        return self.pf.log_counts(("status=deferred", "status=bounced", "status=expired"))
 
-    def deferrals(self, since: float, mark: int) -> int:
-        return self.pf.log_count(r"status=deferred") - mark
+    def outcome(self, since: float, mark: dict) -> tuple[int, int]:
+        now = self.mark()
+        return (now["status=deferred"] - mark["status=deferred"],
+                now["status=bounced"] + now["status=expired"] - mark["status=bounced"] - mark["status=expired"])
 
     def pools(self, since: float) -> dict[str, int]:
         return {}
@@ -520,12 +538,14 @@ def run_once(side, w: Workload, messages: int, receivers: Receivers, log_dir: Pa
     t_del = time.perf_counter() - t0
     cpu = tree_cpu(root) - cpu0
     peak = sampler.stop()
+    pss = tree_pss_kib(root)
+    deferred, failed = side.outcome(since, mark)
     lat = sorted(probe.latencies)
     return {"side": side.name, "workload": w.name, "messages": sent, "probe": len(lat), "probe_errors": probe.errors,
             "accepted": total / t_acc, "delivered": total / t_del, "t_acc": t_acc, "t_del": t_del,
             "p50": 1000 * benchenv.percentile(lat, 50), "p99": 1000 * benchenv.percentile(lat, 99),
-            "rss_mib": peak / 1024, "cpu_per_1000": 1000 * cpu / total,
-            "pools": side.pools(since), "deferrals": side.deferrals(since, mark),
+            "rss_mib": peak / 1024, "pss_mib": pss / 1024, "cpu_per_1000": 1000 * cpu / total,
+            "pools": side.pools(since), "deferrals": deferred, "failed": failed,
             "commands": [shell(c) for c in cmds]}
 
 
@@ -577,7 +597,14 @@ def relay(a: argparse.Namespace) -> int:
     text = report(a, workloads, runs, notes, sinks_seen, settings, poolmta_config, postfix_settings, smtpd_service,
                   ports)
     benchenv.write(a.out or benchenv.default_out("relay"), text)
-    return 0
+    for p in problems(runs):
+        print(f"FAILED: {p}", file=sys.stderr)
+    return 1 if problems(runs) else 0
+
+
+def problems(runs: list[dict]) -> list[str]:
+    return [f"{r['workload']} pair {r['pair']} {r['side']}: {r['failed']} recipient(s) not delivered"
+            for r in runs if r["failed"]]
 
 
 def median_of(xs: list[float]) -> float:
@@ -591,15 +618,15 @@ def report(a, workloads, runs, sink_cmds, sinks_seen, settings, poolmta_config, 
            f"{a.messages} smtp-source messages per run" + (" (smoke mode)." if a.smoke else "."), "",
            "## Results (median over the runs of each side)", "",
            "| workload | side | accepted msg/s | delivered msg/s | accept p50 ms | accept p99 ms | peak RSS MiB "
-           "| CPU s/1000 msg |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| PSS after MiB | CPU s/1000 msg |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for w in workloads:
         for side in ("poolmta", "postfix"):
             rs = [r for r in runs if r["workload"] == w.name and r["side"] == side]
             out.append(f"| {w.name} | {side} | " + " | ".join(
                 f"{median_of([r[k] for r in rs]):{fmt}}" for k, fmt in
                 (("accepted", ".1f"), ("delivered", ".1f"), ("p50", ".1f"), ("p99", ".1f"), ("rss_mib", ".0f"),
-                 ("cpu_per_1000", ".2f"))) + " |")
+                 ("pss_mib", ".0f"), ("cpu_per_1000", ".2f"))) + " |")
     out += ["", "## Ratio poolmta / Postfix per pair", "",
             "| workload | pair | accepted | delivered | accept p99 | CPU per message |", "|---|---|---|---|---|---|"]
     for w in workloads:
@@ -617,12 +644,13 @@ def report(a, workloads, runs, sink_cmds, sinks_seen, settings, poolmta_config, 
                 f"{median_of([r[i] for r in ratios]):.2f}" for i in range(4)) + " |")
     out += ["", "## Every run", "",
             "| workload | pair | side | messages + probe | accept s | until empty s | accepted msg/s | delivered msg/s "
-            "| p50 ms | p99 ms | peak RSS MiB | CPU s/1000 | deferred attempts |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| p50 ms | p99 ms | peak RSS MiB | PSS after MiB | CPU s/1000 | deferred attempts | not delivered |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         out.append(f"| {r['workload']} | {r['pair']} | {r['side']} | {r['messages']} + {r['probe']} | {r['t_acc']:.2f} "
                    f"| {r['t_del']:.2f} | {r['accepted']:.1f} | {r['delivered']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} "
-                   f"| {r['rss_mib']:.0f} | {r['cpu_per_1000']:.2f} | {r['deferrals']} |")
+                   f"| {r['rss_mib']:.0f} | {r['pss_mib']:.0f} | {r['cpu_per_1000']:.2f} | {r['deferrals']} "
+                   f"| {r['failed']} |")
     out += ["", "## Checks", ""]
     for w in workloads:
         got, sent = sinks_seen.get(w.name, (0, 0))
@@ -639,6 +667,7 @@ def report(a, workloads, runs, sink_cmds, sinks_seen, settings, poolmta_config, 
         probe_errors = sum(r["probe_errors"] for r in runs if r["workload"] == w.name)
         if probe_errors:
             out.append(f"  - the latency probe reconnected {probe_errors} time(s) after an error")
+    out += [f"- FAILED: {p}" for p in problems(runs)] or ["- every recipient of every run was delivered"]
     out += ["", "## How it was measured", "",
             "- accepted msg/s = all messages of the run (smtp-source's and the latency probe's) / wall time from the "
             "start of the smtp-source processes until the last one exits (every message got its 250).",
@@ -651,12 +680,17 @@ def report(a, workloads, runs, sink_cmds, sinks_seen, settings, poolmta_config, 
             "connection during the run; p50/p99 of its transactions, timed from MAIL FROM to the 250 after DATA.",
             "- peak RSS = the largest sum of VmRSS over the side's process tree (poolmta: the gateway process and its "
             "children; Postfix: master and every descendant), sampled every 100 ms. Pages shared between "
-            "processes count once per process.",
+            "processes count once per process, and Postfix keeps idle smtpd/cleanup/smtp processes for up to 100 s "
+            "(max_idle), so its sum grows with the sessions of earlier runs. PSS after = the proportional set size "
+            "(shared pages divided among their sharers, /proc/PID/smaps_rollup) of the same tree once the queue is "
+            "empty: one reading, taken outside the timed part, since reading it is slow.",
             "- CPU s/1000 msg = utime+stime (+cutime+cstime: reaped children) of that tree over the run, per 1000 "
             "messages. The senders, receivers, the DNS server (in the benchmark's process, used by poolmta only; "
             "Postfix has a relayhost) and the probe are not counted.",
             "- deferred attempts: poolmta, the sum of (attempts - 1) over recipients that needed more than one; "
-            "Postfix, the `status=deferred` lines of its mail log.",
+            "Postfix, the `status=deferred` lines of its mail log. not delivered: poolmta, recipients of the run in "
+            "any final state but delivered; Postfix, `status=bounced` and `status=expired` lines. Any at all makes "
+            "the benchmark exit 1.",
             f"- smtp-source opens one connection per message (no -d), sends HELO, then MAIL, RCPT (-r N: N, N-1 ... 2 "
             f"prefixed to the address, then the address itself), DATA.",
             "", "## Backpressure", "", BACKPRESSURE_NOTE, "",

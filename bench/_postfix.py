@@ -5,8 +5,8 @@ own config directory on its own port (the system Postfix is never started, stopp
   DEBIAN_FRONTEND=noninteractive) when smtp-source, smtp-sink or postfix is missing.
 - `alternate_config_directories()`: `postfix -c DIR` refuses a DIR that the default instance's
   main.cf does not list in alternate_config_directories; this adds PFBASE/inst.* for the time of
-  the benchmark and puts /etc/postfix/main.cf back byte for byte afterwards (or removes it, when
-  there was none).
+  the benchmark (of all benchmarks running at once) and puts /etc/postfix/main.cf back as it was
+  afterwards (or removes it, when there was none).
 - `Postfix(...)`: a fresh instance under PFBASE/inst.XXXX: main.cf has only the settings in
   `self.settings` (Postfix's defaults otherwise, fsync on), master.cf is the system's with the
   port-25 smtpd replaced by one on 127.0.0.1:<free port>. `stop()` stops it and removes the directory.
@@ -15,6 +15,7 @@ own config directory on its own port (the system Postfix is never started, stopp
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -73,24 +74,80 @@ def version() -> str:
 @contextlib.contextmanager
 def alternate_config_directories():
     """List PFBASE/inst.* in the default instance's alternate_config_directories while the block
-    runs; then put /etc/postfix/main.cf back as it was."""
-    want = f"{PFBASE}/inst.*"
-    cur = postconf("-h", "alternate_config_directories").strip()
-    if want in cur.replace(",", " ").split():
-        yield
-        return
-    before = MAIN_CF.read_bytes() if MAIN_CF.exists() else None
-    stat = MAIN_CF.stat() if MAIN_CF.exists() else None
-    postconf("-e", f"alternate_config_directories = {(cur + ' ' + want).strip()}")
+    runs; then put /etc/postfix/main.cf back as it was (or remove it, when there was none).
+
+    Several benchmarks may run at once: the first one in saves main.cf (PFBASE/main.cf.orig, or
+    the marker PFBASE/main.cf.absent), each registers its pid under PFBASE/users, and the last one
+    out restores it. A save left by a benchmark that was killed is kept, so it is restored too."""
+    users = Path(PFBASE, "users")
+    users.mkdir(parents=True, exist_ok=True)
+    os.chmod(PFBASE, 0o755)
+    me = users / str(os.getpid())
+    with _locked():
+        if not _live_users(users):
+            _save_main_cf()
+            cur = postconf("-h", "alternate_config_directories").strip() if MAIN_CF.exists() else ""
+            want = f"{PFBASE}/inst.*"
+            if want not in cur.replace(",", " ").split():
+                if not MAIN_CF.exists():    # debconf's "No configuration": postconf edits no missing main.cf
+                    MAIN_CF.write_text("")
+                postconf("-e", f"alternate_config_directories = {(cur + ' ' + want).strip()}")
+        me.touch()
     try:
         yield
     finally:
-        if before is None:
-            MAIN_CF.unlink(missing_ok=True)
-        else:
-            MAIN_CF.write_bytes(before)
-            os.chmod(MAIN_CF, stat.st_mode & 0o7777)
-            os.chown(MAIN_CF, stat.st_uid, stat.st_gid)
+        with _locked():
+            me.unlink(missing_ok=True)
+            if not _live_users(users):
+                _restore_main_cf()
+
+
+SAVED, ABSENT = Path(PFBASE, "main.cf.orig"), Path(PFBASE, "main.cf.absent")
+
+
+def _save_main_cf() -> None:
+    if SAVED.exists() or ABSENT.exists():
+        return                  # a killed benchmark's save: the real original
+    if MAIN_CF.exists():
+        shutil.copy2(MAIN_CF, SAVED)
+        st = MAIN_CF.stat()
+        os.chown(SAVED, st.st_uid, st.st_gid)
+    else:
+        ABSENT.touch()
+
+
+def _restore_main_cf() -> None:
+    if SAVED.exists():
+        shutil.copy2(SAVED, MAIN_CF)
+        st = SAVED.stat()
+        os.chown(MAIN_CF, st.st_uid, st.st_gid)
+        SAVED.unlink()
+    elif ABSENT.exists():
+        MAIN_CF.unlink(missing_ok=True)
+        ABSENT.unlink()
+
+
+def _live_users(users: Path) -> list[str]:
+    live = []
+    for f in users.iterdir():
+        try:
+            os.kill(int(f.name), 0)
+            live.append(f.name)
+        except (ValueError, ProcessLookupError):
+            f.unlink(missing_ok=True)
+        except PermissionError:
+            live.append(f.name)
+    return live
+
+
+@contextlib.contextmanager
+def _locked():
+    with open(f"{PFBASE}/lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _raise(e: OSError):

@@ -590,12 +590,13 @@ def relay(a: argparse.Namespace) -> int:
             postfix_settings = dict(pf.settings)
             smtpd_service = pf.smtpd_service
             ports = {"poolmta": world.listen_port, "postfix": pf.port, "mx": world.mx_port}
+            pf_version = _postfix.version()     # while the system main.cf is sure to exist
         finally:
             if pf:
                 pf.stop()
             world.stop()
     text = report(a, workloads, runs, notes, sinks_seen, settings, poolmta_config, postfix_settings, smtpd_service,
-                  ports)
+                  ports, pf_version)
     benchenv.write(a.out or benchenv.default_out("relay"), text)
     for p in problems(runs):
         print(f"FAILED: {p}", file=sys.stderr)
@@ -612,9 +613,9 @@ def median_of(xs: list[float]) -> float:
 
 
 def report(a, workloads, runs, sink_cmds, sinks_seen, settings, poolmta_config, pf_settings, smtpd_service,
-           ports) -> str:
+           ports, pf_version) -> str:
     out = [benchenv.header("Relay throughput: poolmta vs Postfix on loopback"),
-           f"Postfix {_postfix.version()}. {a.rounds} pair(s) of runs (poolmta, then Postfix) per workload, "
+           f"Postfix {pf_version}. {a.rounds} pair(s) of runs (poolmta, then Postfix) per workload, "
            f"{a.messages} smtp-source messages per run" + (" (smoke mode)." if a.smoke else "."), "",
            "## Results (median over the runs of each side)", "",
            "| workload | side | accepted msg/s | delivered msg/s | accept p50 ms | accept p99 ms | peak RSS MiB "

@@ -20,14 +20,18 @@ the default retry schedule instead of the tests' 1 h / 1 s): "empty" and "deep".
    (attempts 1, the 451 as last reply) with its next attempt spread over 1 h .. 6 h from now,
    so none is due during the run; the trace events' times are shifted to now.
 3. Spool queries: the spool's own due(), next_due_time() and undelivered_dsns() timed on both
-   spools, in this process (what the delivery loop asks each round, and at start-up).
+   spools, in this process (what the delivery loop asks each round, and at start-up); on the
+   deep one also as worker 1 of 2 would ask them (server.workers = 2), and, after the rounds,
+   with every deferred recipient due at once (spool.retry(None, now)).
 4. Rounds, alternating empty / deep (the gateway restarted on each data dir): start-up time
    (to the 220 greeting), wait until idle, CPU seconds used over --idle-seconds idle seconds,
-   RSS; then fresh mail (bench/throughput.py's workload: SESSIONS concurrent AUTH sessions x
-   MESSAGES messages of 4 KB to dest.test) until the sink has all of it: accepted and
-   delivered msg/s; RSS and peak RSS (VmHWM) after.
+   RSS; then BATCHES batches of fresh mail (bench/throughput.py's workload: SESSIONS
+   concurrent AUTH sessions x MESSAGES messages of 4 KB to dest.test), each until the sink has
+   all of it: accepted and delivered msg/s (median of the batches), RSS after each batch and
+   peak RSS (VmHWM).
 
-    python3 bench/queue_depth.py [--queued 100000] [--sessions 20] [--messages 50] [--rounds 2]
+    python3 bench/queue_depth.py [--queued 100000] [--sessions 20] [--messages 50] [--batches 2]
+                                 [--rounds 2] [--workers 1] [--workdir DIR] [--out FILE]
     python3 bench/queue_depth.py --queued 1000000 --rounds 1       # the long mode
     python3 bench/queue_depth.py --smoke
 """
@@ -253,6 +257,14 @@ async def _time_queries(data_dir: Path, concurrency: int, shards: int) -> dict[s
     return out
 
 
+async def retry_all(data_dir: Path) -> None:
+    spool = SQLiteSpool(data_dir)
+    try:
+        await spool.retry(None, time.time() - 1)
+    finally:
+        await spool.close()
+
+
 def time_queries(data_dir: Path, concurrency: int, shards: int = 1) -> dict[str, float] | None:
     try:
         return asyncio.run(_time_queries(data_dir, concurrency, shards))
@@ -270,7 +282,12 @@ def measure(world: World, config: Path, label: str, a) -> dict:
         c0 = cpu(world)
         time.sleep(a.idle_seconds)
         r["idle_cpu_s"] = cpu(world) - c0
-        r.update(asyncio.run(fresh_mail(world, a.sessions, a.messages, a.size)))
+        batches, r["rss_batches"] = [], []
+        for _ in range(a.batches):
+            batches.append(asyncio.run(fresh_mail(world, a.sessions, a.messages, a.size)))
+            r["rss_batches"].append(memory(world)["VmRSS"])
+        for k in batches[0]:
+            r[k] = statistics.median(b[k] for b in batches)
         r["after"] = memory(world)
     finally:
         stop(world)
@@ -280,11 +297,13 @@ def measure(world: World, config: Path, label: str, a) -> dict:
     return r
 
 
-def configs(world: World, deep_dir: Path) -> tuple[Path, Path]:
+def configs(world: World, deep_dir: Path, a) -> tuple[Path, Path]:
     text = world.config_path.read_text()
     for old, new in (('queue_lifetime = "1h"', 'queue_lifetime = "5d"'), ('retry_schedule = ["1s"]\n', "")):
         assert old in text, f"the e2e config changed: {old!r} not found"
         text = text.replace(old, new)
+    if a.workers != 1:
+        text = text.replace("[server]\n", f"[server]\nworkers = {a.workers}\n", 1)
     empty = world.workdir / "empty.toml"
     empty.write_text(text)
     old_dir = f'data_dir = "{world.data_dir}"'
@@ -304,7 +323,7 @@ def run(a, workdir: Path) -> str:
     with world:
         deferring.start()
         try:
-            empty_cfg, deep_cfg = configs(world, deep_dir)
+            empty_cfg, deep_cfg = configs(world, deep_dir, a)
             stop(world)
             start(world, empty_cfg)                  # the same settings the rounds use
             try:
@@ -327,6 +346,10 @@ def run(a, workdir: Path) -> str:
                     results.append(measure(world, cfg, f"{label} #{rnd + 1}", a))
                     results[-1]["kind"] = label
             filled["disk_after"] = disk_size(deep_dir)
+            # Last, as it changes the deep spool: every deferred recipient due at once, as after
+            # `poolmta queue retry --all` or when a long outage's retries line up.
+            asyncio.run(retry_all(deep_dir))
+            queries["deep, all due"] = time_queries(deep_dir, concurrency)
             filled["deferred_after"] = deferred_count(deep_dir)
         finally:
             deferring.stop()
@@ -340,8 +363,8 @@ def report(a, filled: dict, queries: dict, results: list[dict]) -> str:
         f" answering 451 (deferred.test, {DEFERRED_MX}); rows copied from one real message that went through"
         f" the gateway to that receiver ({filled['events_per_message']} trace events each), next attempts spread"
         f" over 1–6 h from now. Fresh mail: {a.sessions} AUTH sessions × {a.messages} messages of {a.size} bytes"
-        f" to dest.test (accepting sink), the gateway restarted on each data dir, rounds alternating"
-        f" empty / deep.", "",
+        f" to dest.test (accepting sink), the gateway (server.workers = {a.workers}) restarted on each data dir,"
+        f" rounds alternating empty / deep.", "",
         "| deep spool | |", "|---|---|",
         f"| fill ({n:,} messages, executemany, gateway stopped) | {filled['seconds']:.1f} s |",
         f"| deferred recipients after fill / at the end | {filled['deferred']:,} / {filled['deferred_after']:,} |",
@@ -350,7 +373,9 @@ def report(a, filled: dict, queries: dict, results: list[dict]) -> str:
         f"| spool.db on disk at the end (WAL included) | {filled['disk_after'] / 2**20:,.0f} MiB |",
         "",
         "The spool's own queries, median of 5 (the delivery loop asks due() and next_due_time() every round,"
-        " undelivered_dsns() at start-up and after a refused recipient):", "",
+        " undelivered_dsns() at start-up and after a refused recipient); \"shard 1 of 2\": as worker 1 of"
+        " server.workers = 2 would ask, all the rows being worker 0's; \"all due\": after the rounds, every"
+        " deferred recipient made due (spool.retry(None, now)):", "",
         "| query | " + " | ".join(queries) + " |", "|---" * (len(queries) + 1) + "|"]
     names = next(q for q in queries.values() if q is not None).keys()
     for name in names:
@@ -364,6 +389,10 @@ def report(a, filled: dict, queries: dict, results: list[dict]) -> str:
                      f"| {benchenv.mib(r['idle']['VmRSS'])} | {benchenv.mib(r['after']['VmRSS'])} "
                      f"| {benchenv.mib(r['after']['VmHWM'])} | {r['accepted_per_s']:.0f} "
                      f"| {r['delivered_per_s']:.0f} | {r['accept_p50_ms']:.0f} / {r['accept_p99_ms']:.0f} ms |")
+    if a.batches > 1:
+        lines += ["", f"RSS after each of the {a.batches} batches of fresh mail (rates above: median of the batches): "
+                  + "; ".join(f"{r['label']}: " + " → ".join(benchenv.mib(k) for k in r["rss_batches"])
+                              for r in results) + "."]
     rate = {k: statistics.median(r["delivered_per_s"] for r in results if r["kind"] == k) for k in ("empty", "deep")}
     ratio = rate["deep"] / rate["empty"]
     lines += ["", f"Delivered msg/s, median of the rounds: empty {rate['empty']:.0f}, deep {rate['deep']:.0f};"
@@ -381,14 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sessions", type=int, default=20, help="concurrent SMTP sessions of fresh mail")
     ap.add_argument("--messages", type=int, default=50, help="fresh messages per session and round")
     ap.add_argument("--size", type=int, default=4096, help="bytes of a fresh message")
+    ap.add_argument("--batches", type=int, default=2, help="batches of fresh mail per round (RSS after each)")
     ap.add_argument("--rounds", type=int, default=2, help="(empty, deep) pairs")
+    ap.add_argument("--workers", type=int, default=1, help="server.workers of both gateways (0: one per CPU)")
     ap.add_argument("--idle-seconds", type=float, default=10.0, help="how long the idle CPU is measured")
     ap.add_argument("--workdir", default=None, help="where the spools go (default: a temp dir, removed after)")
     ap.add_argument("--smoke", action="store_true", help="2000 queued, a few fresh messages, for CI")
     ap.add_argument("--out", default=None, help="results file (default bench/results/<date>-queue-depth.md)")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.queued, a.sessions, a.messages, a.rounds, a.idle_seconds = 2000, 2, 5, 1, 2.0
+        a.queued, a.sessions, a.messages, a.rounds, a.batches, a.idle_seconds = 2000, 2, 5, 1, 1, 2.0
     name = "queue-depth" + ("-smoke" if a.smoke else "-1m" if a.queued >= 1_000_000 else "")
     out = a.out or benchenv.default_out(name)
     if a.workdir:

@@ -696,9 +696,9 @@ def report(a, workloads, runs, sink_cmds, sinks_seen, settings, poolmta_config, 
             f"prefixed to the address, then the address itself), DATA.",
             "", "## Backpressure", "", BACKPRESSURE_NOTE, "",
             "## Settings", "",
-            "poolmta: tests/support/harness.py's config (retry_schedule [\"1s\"], delivery.concurrency default 100, "
-            "DKIM signing of contoso.test on, sender limits counted in SQLite), with 127.0.0.1/32 added to the "
-            "onprem connector and these settings:", ""]
+            "poolmta: tests/support/harness.py's config (retry_schedule [\"1s\"], DKIM signing of contoso.test on, "
+            "sender limits counted in SQLite; what it does not set is poolmta's default, see `poolmta config params`), "
+            "with 127.0.0.1/32 added to the onprem connector and these settings:", ""]
     out += [f"- `{'.'.join(p)} = {v}`" for p, v in settings]
     out += ["", "Postfix: main.cf holds only these (Postfix defaults otherwise: fsync on, "
             "default_destination_concurrency_limit 20, default_process_limit 100, connection cache on demand); "

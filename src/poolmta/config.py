@@ -210,6 +210,13 @@ class DeliveryConfig:
         "Most MX host addresses tried per delivery attempt."))
     poll_interval: float = field(default=1.0, metadata=_doc(
         "How often the scheduler looks for due recipients when nothing wakes it.", parse=parse_duration))
+    connection_cache_time: float = field(default=2.0, metadata=_doc(
+        "How long a session to an MX address stays open after a clean transaction, waiting for the next message "
+        "from the same pool source (Postfix's smtp_connection_cache_time_limit); 0 = QUIT after every message.",
+        parse=parse_duration))
+    connection_reuse_limit: int = field(default=100, metadata=_doc(
+        "Most transactions on one kept session before it is closed (Postfix's smtp_connection_reuse_count_limit); "
+        "a session is also never reused more than 300 s after it was opened."))
 
 
 @dataclass(frozen=True)
@@ -609,6 +616,10 @@ def check(cfg: Config) -> list[Problem]:
             out.append(Problem(f"dns.nameservers[{i}]", str(e)))
     if not 0 < d.port < 65536:
         out.append(Problem("delivery.port", "must be 1..65535"))
+    if d.connection_cache_time < 0:
+        out.append(Problem("delivery.connection_cache_time", "must not be negative"))
+    if d.connection_reuse_limit < 1:
+        out.append(Problem("delivery.connection_reuse_limit", "must be at least 1"))
     if not d.retry_schedule:
         out.append(Problem("delivery.retry_schedule", "must list at least one delay"))
     elif min(d.retry_schedule) <= 0:

@@ -621,3 +621,17 @@ async def test_a_dual_stack_pool_keeps_ipv4_destinations_on_ipv4_sources(world, 
     for qid in qids:
         await gw.wait_state(qid, RecipientState.DELIVERED)
     assert {world.dest.to(f"ok-v4-{i}@dest.test")[0].peer for i in range(3)} == {NORMAL}
+
+
+async def test_back_to_back_messages_share_one_kept_session_over_real_sockets(world, gw):
+    first = await gw.send("alice@sender.test", ["kept-1@dest.test"])
+    await gw.wait_state(first, RecipientState.DELIVERED)
+    second = await gw.send("alice@sender.test", ["kept-2@dest.test"])
+    await gw.wait_state(second, RecipientState.DELIVERED)
+    [m1], [m2] = world.dest.to("kept-1@dest.test"), world.dest.to("kept-2@dest.test")
+    assert (m1.peer, m1.ehlo) == (m2.peer, m2.ehlo) == (NORMAL, "out1.gw.test")
+    [a2] = gw.of(second, EventKind.ATTEMPT)
+    assert a2.data["replies"][0] == "connect: session kept open, transaction 2 on it"
+    assert gw.scheduler.sessions.idle_sessions == 1
+    await gw.scheduler.stop()                               # says QUIT to the kept session
+    assert gw.scheduler.sessions.idle_sessions == 0

@@ -36,6 +36,11 @@ Behaviour worth knowing:
   BODY=8BITMIME, SMTPUTF8, and the RFC 3461 DSN parameters (RET, ENVID,
   NOTIFY, ORCPT) so that a downstream MTA honours the sender's choices.
 - No RCPT accepted: no DATA; the session ends with QUIT.
+- With a SessionCache (cache.py), a transaction that ended cleanly parks its
+  session instead of saying QUIT, and the next transaction from the same
+  source to the same address starts at MAIL FROM on it; its transcript
+  says ``reused``. A parked session the server dropped (MAIL breaks or gets
+  421) is replaced by a new connection, not held against the message.
 - QUIT only ends a clean session (every command answered, refusals
   included), and its answer is awaited at most QUIT_TIMEOUT (5 s, or
   command_timeout if shorter). A session that broke (timeout, reset, TLS
@@ -61,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -69,6 +75,7 @@ from typing import Protocol
 import aiosmtplib
 
 from ..model import Envelope, Recipient, Source
+from .cache import Idle, SessionCache
 from .mx import Target
 
 MAX_REPLY_TEXT = 512          # a remote reply longer than this is cut: it goes into DSNs and the trace
@@ -150,6 +157,7 @@ class Transcript:
     data: SmtpReply | None = None
     error: BaseException | None = None
     error_stage: Stage | None = None
+    reused: int = 0            # >0: the session was kept from earlier transactions (cache.py), this many
 
     def __post_init__(self) -> None:
         if not self.rcpt:
@@ -162,11 +170,15 @@ class Transcript:
     def replies(self) -> list[str]:
         """The conversation, one line per reply, for the trace."""
         out = []
-        if self.greeting is not None:
-            out.append(f"connect: {self.greeting}")
-        if self.ehlo is not None:
-            out.append(f"ehlo: {self.ehlo}")
-        if self.tls_note:
+        if self.reused:
+            out.append(f"connect: session kept open, transaction {self.reused + 1} on it"
+                       f"{' (TLS)' if self.tls else ''}")
+        else:
+            if self.greeting is not None:
+                out.append(f"connect: {self.greeting}")
+            if self.ehlo is not None:
+                out.append(f"ehlo: {self.ehlo}")
+        if self.tls_note and not self.reused:
             out.append(f"starttls: {self.tls_note}")
         if self.mail is not None:
             out.append(f"mail: {self.mail}")
@@ -235,12 +247,41 @@ def rcpt_options(session: Session, rcpt: Recipient) -> list[str]:
     return opts
 
 
+def _reusable(t: Transcript) -> bool:
+    """The transaction is over and the session is in a known state: the final reply to
+    DATA came, nothing broke, and no reply announced that the server is closing (421)."""
+    return (t.error is None and t.data is not None
+            and all(r is None or r.code != 421 for r in (t.mail, t.data, *t.rcpt)))
+
+
 async def transact(connector: Connector, target: Target, source: Source, *, port: int, envelope: Envelope,
                    recipients: Sequence[Recipient], content: bytes, connect_timeout: float,
-                   command_timeout: float, starttls: bool = True) -> Transcript:
-    """Run one SMTP transaction for ``recipients``; report, never raise (except cancellation)."""
+                   command_timeout: float, starttls: bool = True, cache: SessionCache | None = None) -> Transcript:
+    """Run one SMTP transaction for ``recipients``; report, never raise (except cancellation).
+
+    With ``cache``, a session parked by an earlier transaction from the same source to
+    the same address is used when there is one, and this one is parked afterwards
+    when it ended cleanly (cache.py)."""
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
+    key = (source.address, source.ehlo, target.address, port, starttls)
+    kept = cache.take(key) if cache is not None and cache.enabled else None
+    if kept is not None:
+        t = Transcript(target, source, port, tuple(r.address for r in recipients), greeting=kept.greeting,
+                       ehlo=kept.ehlo, tls=kept.tls, tls_note=kept.tls_note, reused=kept.uses)
+        try:
+            await _transaction(kept.session, t, envelope, recipients, content)
+        except BaseException:
+            kept.session.close()
+            raise
+        if t.mail is not None and t.mail.code != 421 and not (t.error is not None and t.error_stage == Stage.MAIL):
+            kept.uses += 1
+            if not (_reusable(t) and cache.keep(key, kept)):
+                await _end(kept.session, t)
+            return t
+        # The server let the parked session go (closed it, or 421 at MAIL): not this
+        # message's failure; a new connection below.
+        kept.session.close()
     t = Transcript(target, source, port, tuple(r.address for r in recipients))
     try:
         session, t.greeting = await connector.connect(target, port, source, connect_timeout=connect_timeout,
@@ -249,38 +290,44 @@ async def transact(connector: Connector, target: Target, source: Source, *, port
         t.error, t.error_stage = e, Stage.CONNECT
         return t
     try:
-        await _converse(session, t, envelope, recipients, content, starttls)
+        if await _open(session, t, starttls):
+            await _transaction(session, t, envelope, recipients, content)
     except BaseException:
         session.close()          # cancelled (shutdown): no goodbye that could outlast the grace
         raise
-    if t.error is None:
-        await session.quit()     # a clean end, refusals included: say goodbye, briefly
-    else:
-        session.close()          # broken, timed out or a tarpit: a QUIT would only wait again
+    if not (cache is not None and _reusable(t)
+            and cache.keep(key, Idle(session, t.greeting, t.ehlo, t.tls, t.tls_note, time.monotonic()))):
+        await _end(session, t)
     if t.error_stage == Stage.STARTTLS and t.error is not None:
         # The handshake broke the connection: one more connection, in plaintext.
         again = await transact(connector, target, source, port=port, envelope=envelope, recipients=recipients,
                                content=content, connect_timeout=connect_timeout,
-                               command_timeout=command_timeout, starttls=False)
+                               command_timeout=command_timeout, starttls=False, cache=cache)
         again.tls_note = f"handshake failed ({describe(t.error)}), retried without TLS"
         return again
     return t
 
 
-async def _converse(session: Session, t: Transcript, envelope: Envelope, recipients: Sequence[Recipient],
-                    content: bytes, starttls: bool) -> None:
-    """The commands after the greeting; fills ``t``; stops at the first refusal of the session."""
+async def _end(session: Session, t: Transcript) -> None:
+    if t.error is None:
+        await session.quit()     # a clean end, refusals included: say goodbye, briefly
+    else:
+        session.close()          # broken, timed out or a tarpit: a QUIT would only wait again
+
+
+async def _open(session: Session, t: Transcript, starttls: bool) -> bool:
+    """Greeting, EHLO (HELO) and STARTTLS; fills ``t``; True when a transaction may begin."""
     stage = Stage.CONNECT
     try:
         if not _ok(t.greeting):
-            return
+            return False
         stage = Stage.EHLO
         t.ehlo = await session.ehlo()
         if t.ehlo.code >= 500:
             # RFC 5321 §4.1.4: a server that does not know EHLO still knows HELO.
             t.ehlo = await session.helo()
         if not _ok(t.ehlo):
-            return
+            return False
         if starttls and session.supports("starttls"):
             stage = Stage.STARTTLS
             r = await session.starttls()
@@ -289,10 +336,20 @@ async def _converse(session: Session, t: Transcript, envelope: Envelope, recipie
                 stage = Stage.EHLO
                 t.ehlo = await session.ehlo()   # RFC 3207 §4.2: forget what was learnt before TLS
                 if not _ok(t.ehlo):
-                    return
+                    return False
             else:
                 t.tls_note = f"refused, continued without TLS: {r}"
-        stage = Stage.MAIL
+        return True
+    except Exception as e:
+        t.error, t.error_stage = e, stage
+        return False
+
+
+async def _transaction(session: Session, t: Transcript, envelope: Envelope, recipients: Sequence[Recipient],
+                       content: bytes) -> None:
+    """MAIL, RCPT, DATA; fills ``t``; stops at the first refusal of the session."""
+    stage = Stage.MAIL
+    try:
         utf8 = envelope.smtputf8
         t.mail = await session.mail(envelope.mail_from, mail_options(session, envelope, len(content)), utf8)
         if not _ok(t.mail):

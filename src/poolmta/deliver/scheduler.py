@@ -22,7 +22,9 @@ One group, in order (Postfix's qmgr → smtp → bounce, in one coroutine):
    attempt: the operator may add a source, and the message expires on the
    queue lifetime like any deferral. Only targets of the source's family are
    tried (a socket of one family cannot reach the other);
-4. run one SMTP transaction, moving to the next MX address while
+4. run one SMTP transaction (on a session kept open by an earlier one from
+   the same source to the same address when there is one: cache.py), moving
+   to the next MX address while
    ``outcome.try_next`` allows (connection failure, 4xx before RCPT), at
    most ``delivery.max_mx_hosts`` addresses;
 5. classify (outcome.py) and plan retries (spool/schedule.py): a deferred
@@ -51,7 +53,8 @@ STANDARDS: RFC 5321 §4.5.4.1 (retry), §4.5.5 (null reverse-path for
 notifications), RFC 3461 §4.1 (NOTIFY), RFC 3464 (DSN).
 
 CONFIG: delivery.* (port, retry_schedule, queue_lifetime, connect_timeout,
-command_timeout, concurrency, starttls, max_mx_hosts, poll_interval),
+command_timeout, concurrency, starttls, max_mx_hosts, poll_interval,
+connection_cache_time, connection_reuse_limit),
 pools.*, server.hostname (passed in).
 
 SEE ALSO: deliver/mx.py, deliver/client.py, deliver/outcome.py, spool/schedule.py,
@@ -77,6 +80,7 @@ from ..spool import RecipientState, RecipientUpdate, StoredMessage, StoredRecipi
 from ..spool import schedule
 from ..trace import EventKind
 from . import client, mx, outcome
+from .cache import SessionCache
 from .client import AiosmtplibConnector, Connector
 from .outcome import Deferred, Delivered, Failed, Outcome
 
@@ -133,6 +137,7 @@ class Scheduler:
         self.spool, self.pipeline, self.resolver = spool, pipeline, resolver
         self.pools, self.cfg, self.trace, self.clock, self.hostname = dict(pools), cfg, trace, clock, hostname
         self.connector: Connector = connector or AiosmtplibConnector()
+        self.sessions = SessionCache(cfg.connection_cache_time, cfg.connection_reuse_limit)
         self.rng = rng or random.Random()
         self._inflight: dict[Key, asyncio.Task] = {}
         self._penalty: dict[Key, float] = {}          # groups whose last error could not even be recorded
@@ -176,6 +181,7 @@ class Scheduler:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.sessions.close()
 
     @property
     def in_flight(self) -> int:
@@ -286,7 +292,8 @@ class Scheduler:
             transcript = await client.transact(
                 self.connector, target, source, port=self.cfg.port, envelope=msg.envelope,
                 recipients=envelope_rcpts, content=msg.content, connect_timeout=self.cfg.connect_timeout,
-                command_timeout=self.cfg.command_timeout, starttls=self.cfg.starttls != "never")
+                command_timeout=self.cfg.command_timeout, starttls=self.cfg.starttls != "never",
+                cache=self.sessions)
             self.trace.record(queue_id, EventKind.ATTEMPT, source=source.address, ehlo=source.ehlo, pool=pool.name,
                               mx=target.host, ip=target.address, tls=transcript.tls, domain=domain,
                               replies=transcript.replies(), rcpt=[r.address for r in rcpts])

@@ -552,6 +552,7 @@ def run_once(side, w: Workload, messages: int, receivers: Receivers, log_dir: Pa
 # -- the relay matrix ------------------------------------------------------------------------
 
 def relay(a: argparse.Namespace) -> int:
+    head = benchenv.header("Relay throughput: poolmta vs Postfix on loopback")    # date and load before we start
     _postfix.ensure_installed()
 
     settings = [parse_set(s) for s in POOLMTA_BASE_SETTINGS + a.poolmta_set]
@@ -595,8 +596,8 @@ def relay(a: argparse.Namespace) -> int:
             if pf:
                 pf.stop()
             world.stop()
-    text = report(a, workloads, runs, notes, sinks_seen, settings, poolmta_config, postfix_settings, smtpd_service,
-                  ports, pf_version)
+    text = report(head, a, workloads, runs, notes, sinks_seen, settings, poolmta_config, postfix_settings,
+                  smtpd_service, ports, pf_version)
     benchenv.write(a.out or benchenv.default_out("relay"), text)
     for p in problems(runs):
         print(f"FAILED: {p}", file=sys.stderr)
@@ -612,9 +613,9 @@ def median_of(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(a, workloads, runs, sink_cmds, sinks_seen, settings, poolmta_config, pf_settings, smtpd_service,
+def report(head, a, workloads, runs, sink_cmds, sinks_seen, settings, poolmta_config, pf_settings, smtpd_service,
            ports, pf_version) -> str:
-    out = [benchenv.header("Relay throughput: poolmta vs Postfix on loopback"),
+    out = [head.rstrip("\n"), "",
            f"Postfix {pf_version}. {a.rounds} pair(s) of runs (poolmta, then Postfix) per workload, "
            f"{a.messages} smtp-source messages per run" + (" (smoke mode)." if a.smoke else "."), "",
            "## Results (median over the runs of each side)", "",

@@ -83,7 +83,9 @@ BACKPRESSURE_NOTE = (
     "with 450 4.3.0 until the last smtp-source has exited, and is then replaced by one that accepts; the "
     f"rest go to {RCPT}. Both receivers also delay replies: `{' '.join(SINK_DELAYS)}` (whole seconds). They do "
     "not announce PIPELINING (-p): smtp-sink 3.7 answers pipelined commands out of turn when it delays a reply "
-    "(Postfix's client got `503 5.5.1 Error: need RCPT command` in reply to RCPT and bounced every message).")
+    "(Postfix's client got `503 5.5.1 Error: need RCPT command` in reply to RCPT and bounced every message). "
+    "The tempfailing window lasts as long as the side takes to accept the workload, so the slower side has its "
+    "busy.test mail refused for longer, and some of it more than once (1 s retries): compare the deferred attempts.")
 
 
 # -- workloads -------------------------------------------------------------------------------

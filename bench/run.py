@@ -600,7 +600,7 @@ def relay(a: argparse.Namespace) -> int:
             world.stop()
     text = report(head, a, workloads, runs, notes, sinks_seen, settings, poolmta_config, postfix_settings,
                   smtpd_service, ports, pf_version)
-    benchenv.write(a.out or benchenv.default_out("relay"), text)
+    benchenv.write(a.out or benchenv.default_out("relay-smoke" if a.smoke else "relay"), text)
     for p in problems(runs):
         print(f"FAILED: {p}", file=sys.stderr)
     return 1 if problems(runs) else 0
@@ -755,7 +755,7 @@ def relay_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, help="(poolmta, postfix) pairs per workload (default 3)")
     ap.add_argument("--messages", type=int, help="smtp-source messages per run (default 1000)")
     ap.add_argument("--workloads", help=f"comma-separated (default {','.join(DEFAULT_WORKLOADS)})")
-    ap.add_argument("--out", help="results file (default bench/results/<date>-relay.md)")
+    ap.add_argument("--out", help="results file (default bench/results/<date>-relay.md, -relay-smoke.md with --smoke)")
     ap.add_argument("--poolmta-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting for poolmta's config, e.g. server.workers=2 (repeatable; VALUE is TOML)")
     ap.add_argument("--poolmta-config", metavar="FILE", help="a TOML file whose settings go into poolmta's config")

@@ -58,7 +58,7 @@ class Gateway:
         self.scheduler = Scheduler(spool=self.spool, pipeline=self.pipeline, resolver=self.resolver,
                                    pools=cfg.pool_objects(), cfg=cfg.delivery, trace=self.trace, clock=self.clock,
                                    hostname=cfg.server.hostname, connector=connector)
-        self.pipeline.on_queued = self.scheduler.wake
+        self.pipeline.on_queued = self.scheduler.accepted
         self.pipeline.on_refused = self.scheduler.sweep_dsns_soon
         self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock, self.srs, self.limits,
                                      reuse_port=workers > 1)

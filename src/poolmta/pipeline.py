@@ -42,7 +42,8 @@ class Pipeline:
         self.rewriter = rewriter                            # rewrite.Rewriter: SRS, ARC, DKIM, trace headers
         self.admins: dict[str, tuple[str, ...]] = admins or {}   # tenant -> alert recipients
         self.clock, self.hostname = clock, hostname
-        self.on_queued = on_queued or (lambda: None)        # new work for deliver
+        # New work for deliver: (message as queued, decision, facts as a dict).
+        self.on_queued = on_queued or (lambda msg, decision, facts: None)
         self.on_refused = on_refused or (lambda: None)      # recipients final at accept: a DSN to make
 
     async def decide(self, msg: Message) -> tuple[Facts, Decision]:
@@ -61,7 +62,8 @@ class Pipeline:
             self.trace.record(msg.queue_id, EventKind.ASSESSED, **facts.to_dict())
             raise DeferMessage(R451_471_SPAM_CHECK_UNAVAILABLE)
         msg = self._settle_refused(msg, facts)
-        self.trace.record(msg.queue_id, EventKind.ASSESSED, **facts.to_dict())
+        facts_dict = facts.to_dict()
+        self.trace.record(msg.queue_id, EventKind.ASSESSED, **facts_dict)
         self.trace.record(msg.queue_id, EventKind.ROUTED, **decision.to_dict())
         if self.rewriter is not None:
             msg, notes = await self.rewriter.apply(msg, facts, decision)
@@ -74,7 +76,7 @@ class Pipeline:
         refused = [r for r in env.recipients if r.refused]
         for r in refused:
             self.trace.record(msg.queue_id, EventKind.BOUNCED, rcpt=r.address, reply=r.refused, at="accept")
-        self.on_queued()
+        self.on_queued(msg, decision, facts_dict)
         if refused:
             self.on_refused()
         if self.ctx.limits is not None and (facts.limits.exceeded or facts.spam.is_spam):

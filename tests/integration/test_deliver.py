@@ -89,7 +89,7 @@ ejkAAMhNS0fntIWqTipZgbmOOONDzhtZR6Awna7zAbtNlmKdpWbW4xKE
 
 
 def config_text(mx_port: int, lifetime: str = "1h", starttls: str = "opportunistic",
-                normal_sources=((NORMAL, "out1.gw.test"),)) -> str:
+                normal_sources=((NORMAL, "out1.gw.test"),), concurrency: int = 100) -> str:
     normal = ", ".join(f'{{ address = "{a}", ehlo = "{e}" }}' for a, e in normal_sources)
     return f"""
 [server]
@@ -103,6 +103,7 @@ connect_timeout = "2s"
 command_timeout = "5s"
 poll_interval = "0.2s"
 starttls = "{starttls}"
+concurrency = {concurrency}
 
 [pools.normal]
 role = "normal"
@@ -206,7 +207,7 @@ class Gateway:
         self.pipeline = Pipeline(
             ctx=poolmta.assess.Context(resolver=self.resolver, directory=poolmta.tenancy.Directory(self.cfg)),
             policy=poolmta.route.Policy(self.cfg.pool_for_role()), spool=self.spool, trace=self.recorder,
-            clock=self.clock, hostname="gw.test", on_queued=self.scheduler.wake)
+            clock=self.clock, hostname="gw.test", on_queued=self.scheduler.accepted)
         self.scheduler.pipeline = self.pipeline
 
     async def send(self, mail_from: str, rcpts, *, subject: str = "hello", tenant: str = "acme", **env) -> str:
@@ -635,3 +636,29 @@ async def test_back_to_back_messages_share_one_kept_session_over_real_sockets(wo
     assert gw.scheduler.sessions.idle_sessions == 1
     await gw.scheduler.stop()                               # says QUIT to the kept session
     assert gw.scheduler.sessions.idle_sessions == 0
+
+
+async def test_fresh_mail_leaves_from_memory_without_reading_the_spool_back(world, gw):
+    reads = []
+    real_get = gw.spool.get
+
+    async def counting_get(qid):
+        reads.append(qid)
+        return await real_get(qid)
+    gw.spool.get = counting_get
+    qid = await gw.send("alice@sender.test", ["fresh-1@dest.test", "fresh-2@implicit.test"])
+    await until(lambda: world.dest.to("fresh-1@dest.test") and world.dest.to("fresh-2@implicit.test"))
+    await until(lambda: len(gw.of(qid, EventKind.DELIVERED)) == 2)     # traced after the spool update
+    gw.spool.get = real_get
+    assert reads == []
+    await gw.wait_state(qid, RecipientState.DELIVERED, idx=1)
+    assert len(gw.of(qid, EventKind.ATTEMPT)) == 2            # one per domain, each exactly once
+
+
+async def test_mail_accepted_while_every_slot_is_busy_waits_in_the_spool_and_still_leaves(world, make_gateway):
+    gw = await make_gateway(concurrency=1)
+    first = await gw.send("alice@sender.test", ["slow-busy@dest.test"])       # holds the only slot ~2 s
+    second = await gw.send("alice@sender.test", ["after-busy@dest.test"])
+    await gw.wait_state(second, RecipientState.DELIVERED, timeout=20)
+    await gw.wait_state(first, RecipientState.DELIVERED, timeout=20)
+    assert len(gw.of(second, EventKind.ATTEMPT)) == 1

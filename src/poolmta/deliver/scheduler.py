@@ -1,10 +1,14 @@
 """deliver.scheduler - the delivery loop: due recipients → MX → source of the pool → outcome → spool
 
-One background task asks the spool for due (queue id, domain, recipients)
-groups that are not already in flight, and runs each group as its own task,
-at most ``delivery.concurrency`` at once. Between rounds it sleeps until the
-next recipient is due, ``delivery.poll_interval`` passes, or ``wake()`` is
-called (the pipeline calls it after each accept, so new mail leaves at once).
+A message just accepted leaves at once, from memory: the pipeline calls
+``accepted()``, which starts one task per (queue id, domain) group without
+reading the spool back. Everything else (retries, mail a full house or a
+restart left waiting) is found by one background task that asks the spool
+for due groups that are not already in flight, and runs each group as its
+own task; at most ``delivery.concurrency`` groups run at once. Between rounds
+it sleeps until the next recipient is due, ``delivery.poll_interval``
+passes, or ``wake()`` is called (when a slot frees while work was waiting
+for one, or a DSN sweep is asked for).
 
 One group, in order (Postfix's qmgr → smtp → bounce, in one coroutine):
 
@@ -74,9 +78,10 @@ from .. import dsn
 from ..clock import Clock
 from ..config import DeliveryConfig
 from ..dns import Resolver
-from ..model import Envelope, Message, Origin, Pool, Recipient, Source, Status
+from ..model import Decision, Envelope, Message, Origin, Pool, Recipient, Source, Status
 from ..replies import R451_435_NO_SOURCE, R451_443_SOURCE_DNS_TEMPFAIL, R451_444_NO_SOURCE_FAMILY, R451_LOCAL_ERROR
 from ..spool import RecipientState, RecipientUpdate, StoredMessage, StoredRecipient, new_queue_id
+from ..spool.store import just_accepted
 from ..spool import schedule
 from ..trace import EventKind
 from . import client, mx, outcome
@@ -146,6 +151,7 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._dsn_sweep_at: float | None = None
+        self._backlog = False           # due work may be waiting for a free slot: look when one frees
 
     # ---- life cycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -157,8 +163,31 @@ class Scheduler:
         self._task = asyncio.create_task(self._loop(), name="poolmta-deliver")
 
     def wake(self) -> None:
-        """Look for due work now (cheap, synchronous: called after each accept)."""
+        """Look for due work now (cheap, synchronous)."""
         self._wakeup.set()
+
+    def accepted(self, msg: Message, decision: Decision, facts: dict) -> None:
+        """A message is durable in the spool (pipeline.accept): start its groups now,
+        from memory, with no spool read (Postfix's qmgr also takes new mail from the
+        incoming queue at once). A group that cannot start now (no free slot, its
+        facts to re-check) is left to the loop, which finds it due in the spool."""
+        if self._stopping or self._task is None:
+            return
+        if decision.recheck:
+            self.wake()
+            return
+        stored = just_accepted(msg, decision, facts)
+        groups: dict[str, list[int]] = {}
+        for r in stored.recipients:
+            if r.state is RecipientState.QUEUED:
+                groups.setdefault(r.domain, []).append(r.idx)
+        for domain, idxs in groups.items():
+            key = (msg.queue_id, domain)
+            if key in self._inflight or key in self._penalty or len(self._inflight) >= self.cfg.concurrency:
+                self._backlog = True
+                self.wake()
+                continue
+            self._start(key, idxs, stored)
 
     def sweep_dsns_soon(self) -> None:
         """Recipients became final outside a delivery (refused at accept): make their DSNs now."""
@@ -211,16 +240,21 @@ class Scheduler:
         now = self.clock.now()
         self._penalty = {k: until for k, until in self._penalty.items() if until > now}
         free = self.cfg.concurrency - len(self._inflight)
+        self._backlog = free <= 0
         if free > 0:
             busy = set(self._inflight) | set(self._penalty)
-            for queue_id, domain, idxs in await self.spool.due(now, free, busy):
+            due = await self.spool.due(now, free, busy)
+            self._backlog = len(due) >= free
+            for queue_id, domain, idxs in due:
                 key = (queue_id, domain)
-                if key in busy:
+                # In flight now: started from memory (accepted) while the spool was read.
+                if key in busy or key in self._inflight:
                     continue
-                task = asyncio.create_task(self._run_group(queue_id, domain, idxs), name=f"deliver-{queue_id}-{domain}")
-                self._inflight[key] = task
+                if len(self._inflight) >= self.cfg.concurrency:      # taken by accepted() meanwhile
+                    self._backlog = True
+                    break
+                self._start(key, idxs)
                 busy.add(key)
-                task.add_done_callback(lambda t, key=key: self._done(key, t))
         nxt = await self.spool.next_due_time()
         if nxt is None:
             return self.cfg.poll_interval
@@ -230,24 +264,34 @@ class Scheduler:
             return self.cfg.poll_interval
         return min(wait, self.cfg.poll_interval)
 
+    def _start(self, key: Key, idxs: list[int], stored: StoredMessage | None = None) -> None:
+        task = asyncio.create_task(self._run_group(key[0], key[1], idxs, stored), name=f"deliver-{key[0]}-{key[1]}")
+        self._inflight[key] = task
+        task.add_done_callback(lambda t, key=key: self._done(key, t))
+
     def _done(self, key: Key, task: asyncio.Task) -> None:
         self._inflight.pop(key, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task %s/%s ended with %r", key[0], key[1], task.exception())
-        self.wake()
+        if self._backlog:
+            # Only when work was left waiting for a slot: a look at the spool per
+            # finished delivery would cost two reads per message at full speed.
+            self.wake()
 
     # ---- one group ------------------------------------------------------------
-    async def _run_group(self, queue_id: str, domain: str, idxs: list[int]) -> None:
+    async def _run_group(self, queue_id: str, domain: str, idxs: list[int], stored: StoredMessage | None = None) -> None:
         progress = _Progress()
         try:
-            await self._deliver(queue_id, domain, idxs, progress)
+            await self._deliver(queue_id, domain, idxs, progress, stored)
         except Exception:
             log.exception("delivery of %s to %s failed locally; deferring", queue_id, domain)
             if not progress.committed:
                 await self._defer_after_error(queue_id, domain, idxs, progress.stored)
 
-    async def _deliver(self, queue_id: str, domain: str, idxs: list[int], progress: _Progress) -> None:
-        stored = await self.spool.get(queue_id)
+    async def _deliver(self, queue_id: str, domain: str, idxs: list[int], progress: _Progress,
+                       stored: StoredMessage | None = None) -> None:
+        if stored is None:
+            stored = await self.spool.get(queue_id)
         if stored is None:
             return                                   # deleted by the operator meanwhile
         progress.stored = stored

@@ -61,7 +61,7 @@ from typing import Any, Callable
 import orjson
 
 from ..model import Decision, Envelope, Facts, Message, Origin, Recipient, Role, domain_of
-from .store import PENDING, QueueEntry, RecipientState, RecipientUpdate, StoredMessage, StoredRecipient
+from .store import PENDING, QueueEntry, message_id_of, RecipientState, RecipientUpdate, StoredMessage, StoredRecipient
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages(
@@ -234,15 +234,6 @@ def _decision_from(s: str) -> Decision:
     return Decision(Role(d["role"]), d["pool"], tuple(d["reasons"]), tuple(d.get("recheck", ())), d.get("srs", False))
 
 
-def _message_id(content: bytes) -> str:
-    """The Message-ID header's value, found without parsing the whole message."""
-    head = content.split(b"\r\n\r\n", 1)[0]
-    for line in head.split(b"\r\n"):
-        if line[:11].lower() == b"message-id:":
-            return line[11:].strip().decode("utf-8", "replace")[:255]
-    return ""
-
-
 class SQLiteSpool:
     """The Spool protocol on one SQLite file (``DATA_DIR/spool.db``)."""
 
@@ -283,7 +274,7 @@ class SQLiteSpool:
         env = msg.envelope
         now = msg.received_at
         mrow = (msg.queue_id, msg.received_at, env.mail_from, _json(env), _json(msg.origin),
-                _message_id(msg.content), decision.pool, _json(decision.to_dict()), _json(facts), len(msg.content),
+                message_id_of(msg.content), decision.pool, _json(decision.to_dict()), _json(facts), len(msg.content),
                 sum(1 for r in env.recipients if not r.refused))
         # A recipient refused at accept (e.g. forwarding disabled) is final at once:
         # stored as bounced with its reply, and the DSN sweep reports it.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from ..model import Decision, Facts, Message
+from ..model import Decision, Facts, Message, domain_of
 
 
 class RecipientState(StrEnum):
@@ -134,6 +134,28 @@ class Spool(Protocol):
         dropped (0 if none was pending). History and trace stay."""
 
     async def close(self) -> None: ...
+
+
+def message_id_of(content: bytes) -> str:
+    """The Message-ID header's value, found without parsing the whole message."""
+    head = content.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n"):
+        if line[:11].lower() == b"message-id:":
+            return line[11:].strip().decode("utf-8", "replace")[:255]
+    return ""
+
+
+def just_accepted(msg: Message, decision: Decision, facts: dict) -> StoredMessage:
+    """What ``Spool.accept(msg, …)`` has just written, as ``get()`` would read it back:
+    deliver takes a fresh message from memory instead of reading it from disk
+    (deliver/scheduler.py, ``accepted``). Recipients refused at accept are bounced."""
+    now = msg.received_at
+    rcpts = tuple(StoredRecipient(i, r.address, domain_of(r.address),
+                                  RecipientState.BOUNCED if r.refused else RecipientState.QUEUED, 0, now,
+                                  r.refused, r.refused.split(" ")[1] if r.refused.count(" ") >= 1 else "", "",
+                                  tuple(r.notify), r.orcpt, r.original, False)
+                  for i, r in enumerate(msg.envelope.recipients))
+    return StoredMessage(msg, decision, facts, rcpts, message_id_of(msg.content))
 
 
 _counter = 0

@@ -38,7 +38,11 @@ def test_policy_limit_high_risk_restriction_alert_release(world):
     assert [m.peer for m in world.dest.to("v4@dest.test")] == [HIGH_RISK]
 
     # the policy's action: block_user; the admin gets an alert, as real mail
-    acts = [e for e in trace_events(world.data_dir, q2) if e["event"] == "sender-action"]
+    # Recorded once the action is taken, after the 250 (the message may be delivered first).
+    end = time.time() + 20
+    while not (acts := [e for e in trace_events(world.data_dir, q2) if e["event"] == "sender-action"]) \
+            and time.time() < end:
+        time.sleep(0.1)
     assert acts and "restricted:block_user" in acts[0]["actions"] and "alerted" in acts[0]["actions"]
     world.contoso.wait_for(lambda ms: world.contoso.to("admin@contoso.test"))
     alert = world.contoso.to("admin@contoso.test")[0]

@@ -23,9 +23,9 @@ the default retry schedule instead of the tests' 1 h / 1 s): "empty" and "deep".
    spools, in this process (what the delivery loop asks each round, and at start-up); on the
    deep one also as worker 1 of 2 would ask them (server.workers = 2), and, after the rounds,
    with every deferred recipient due at once (spool.retry(None, now)).
-4. Rounds, alternating empty / deep (the gateway restarted on each data dir): start-up time
-   (to the 220 greeting), wait until idle, CPU seconds used over --idle-seconds idle seconds,
-   RSS; then BATCHES batches of fresh mail (bench/throughput.py's workload: SESSIONS
+4. Rounds, alternating empty, deep / deep, empty (the gateway restarted on each data dir):
+   start-up time (to the 220 greeting), wait until idle, CPU seconds used over --idle-seconds
+   idle seconds, RSS; then BATCHES batches of fresh mail (bench/throughput.py's workload: SESSIONS
    concurrent AUTH sessions x MESSAGES messages of 4 KB to dest.test), each until the sink has
    all of it: accepted and delivered msg/s (median of the batches), RSS after each batch and
    peak RSS (VmHWM).
@@ -342,7 +342,8 @@ def run(a, workdir: Path) -> str:
                        "deep": time_queries(deep_dir, concurrency),
                        "deep, shard 1 of 2": time_queries(deep_dir, concurrency, shards=2)}
             for rnd in range(a.rounds):
-                for label, cfg in (("empty", empty_cfg), ("deep", deep_cfg)):
+                pair = [("empty", empty_cfg), ("deep", deep_cfg)]
+                for label, cfg in pair if rnd % 2 == 0 else pair[::-1]:     # neither always goes first
                     results.append(measure(world, cfg, f"{label} #{rnd + 1}", a))
                     results[-1]["kind"] = label
             filled["disk_after"] = disk_size(deep_dir)
@@ -364,7 +365,7 @@ def report(a, filled: dict, queries: dict, results: list[dict]) -> str:
         f" the gateway to that receiver ({filled['events_per_message']} trace events each), next attempts spread"
         f" over 1–6 h from now. Fresh mail: {a.sessions} AUTH sessions × {a.messages} messages of {a.size} bytes"
         f" to dest.test (accepting sink), the gateway (server.workers = {a.workers}) restarted on each data dir,"
-        f" rounds alternating empty / deep.", "",
+        f" rounds alternating empty, deep / deep, empty.", "",
         "| deep spool | |", "|---|---|",
         f"| fill ({n:,} messages, executemany, gateway stopped) | {filled['seconds']:.1f} s |",
         f"| deferred recipients after fill / at the end | {filled['deferred']:,} / {filled['deferred_after']:,} |",

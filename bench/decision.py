@@ -309,7 +309,7 @@ async def bench(a) -> str:
              f" clock frozen (no expiry). {len(corpus)} distinct corpus messages (tests/data/corpus, tests/data/spam;"
              f" {min(len(c) for _, c in corpus)}–{max(len(c) for _, c in corpus)} bytes) × {len(KINDS)} envelope kinds"
              f" per pass; every decision a new queue id and a unique Received header. Target: p99 < 1 ms.\n")
-    return benchenv.header("Decision path micro-benchmark (assess + route)") + intro + "\n" + "\n".join(sections)
+    return intro + "\n" + "\n".join(sections)
 
 
 def loop_name() -> str:
@@ -335,12 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.step_passes is None:
         a.step_passes = 1 if a.smoke else max(1, a.iterations // 10)
     out = a.out or benchenv.default_out("decision" + ("-smoke" if a.smoke else ""))
+    head = benchenv.header("Decision path micro-benchmark (assess + route)")     # date and load before the run
     try:
         import uvloop
         text = uvloop.run(bench(a))
     except ImportError:
         text = asyncio.run(bench(a))
-    benchenv.write(out, text)
+    benchenv.write(out, head + text)
     return 0
 
 

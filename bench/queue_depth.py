@@ -402,7 +402,7 @@ def report(a, filled: dict, queries: dict, results: list[dict]) -> str:
               f" peak {benchenv.mib(max(r['after']['VmHWM'] for r in results if r['kind'] == 'deep'))}"
               f" (empty queue: peak {benchenv.mib(max(r['after']['VmHWM'] for r in results if r['kind'] == 'empty'))};"
               " target < 500 MB with 1 M queued)."]
-    return benchenv.header(f"Queue depth: {n:,} deferred messages in the spool") + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,9 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or benchenv.default_out(name)
     if a.workdir:
         os.makedirs(a.workdir, exist_ok=True)
+    head = benchenv.header(f"Queue depth: {a.queued:,} deferred messages in the spool")   # date and load before the run
     with tempfile.TemporaryDirectory(prefix="poolmta-queue-depth-", dir=a.workdir) as tmp:
         text = run(a, Path(tmp))
-    benchenv.write(out, text)
+    benchenv.write(out, head + text)
     return 0
 
 

@@ -15,8 +15,10 @@ SEE ALSO: assess/, route/decide.py, dsn/build.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from enum import StrEnum
+
+import orjson
 
 
 class Role(StrEnum):
@@ -178,7 +180,9 @@ class Facts:
     limits: LimitFact = LimitFact()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The facts as JSON would hold them (the trace, the spool): nested dicts, lists, strings.
+        orjson in C; dataclasses.asdict deep-copied every value and cost 6 % of an accept."""
+        return orjson.loads(orjson.dumps(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Facts":

@@ -56,6 +56,7 @@ class Directory:
         self.accepted_by_tenant: dict[str, frozenset[str]] = {
             tname: frozenset(d.lower() for d in t.accepted_domains) for tname, t in cfg.tenants.items()}
         self.tenant_configs: dict[str, TenantConfig] = dict(cfg.tenants)
+        self._connector_memo: dict[str, ConnectorMatch | None] = {}
 
     def tenant(self, name: str) -> TenantConfig | None:
         """The tenant's settings (spam_engine, on_engine_failure, policies, …), None for an unknown name."""
@@ -83,6 +84,19 @@ class Directory:
         return tenant not in self.forwarding_off
 
     def connector_for(self, ip: str) -> ConnectorMatch | None:
+        """The connector a client address belongs to (most specific network first).
+        Asked several times per message: answers are remembered per address string
+        (the table is configuration; the memory is bounded)."""
+        try:
+            return self._connector_memo[ip]
+        except KeyError:
+            pass
+        if len(self._connector_memo) >= 4096:
+            self._connector_memo.clear()
+        found = self._connector_memo[ip] = self._find_connector(ip)
+        return found
+
+    def _find_connector(self, ip: str) -> ConnectorMatch | None:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:

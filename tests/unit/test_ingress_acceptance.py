@@ -377,3 +377,37 @@ def test_fragments_of_a_long_line_are_drained_not_ended():
 ])
 def test_add_enhanced_code(line, in_helo, out):
     assert add_enhanced_code(line, in_helo=in_helo) == out
+
+
+def server_chunks(stream: bytes, limit: int = 1001) -> list[bytes]:
+    """The chunks PoolSMTP.smtp_DATA reads: up to each ".\\r\\n", or at most ``limit``
+    bytes when none is that near (StreamReader.readuntil's LimitOverrunError)."""
+    out = []
+    while stream:
+        i = stream.find(b".\r\n")
+        if i == -1 or i + 3 > limit:
+            take = min(len(stream), max(1, limit - 2))
+        else:
+            take = i + 3
+        out.append(stream[:take])
+        stream = stream[take:]
+    return out
+
+
+@pytest.mark.parametrize("stream", [
+    b"Subject: x\r\n\r\nhello.\r\nworld.\r\n.\r\n", b".\r\n", b"..leading dot\r\n...\r\n.\r\n",
+    b"a.\r\n.\r\n", b"x" * 3000 + b"\r\n.\r\n", (b"y" * 70 + b".\r\n") * 80 + b".\r\n",
+    b"Subject: x\r\n\r\nbody\n.\r\n" + SMUGGLED + b".\r\n", b"Subject: x\r\n\r\nbody\r.\r\n" + SMUGGLED + b".\r\n",
+    b"x" * 500 + b"\r\n" + b"y" * 600 + b"\r\n.\r\n",
+])
+def test_runs_of_many_lines_give_what_lines_give(stream):
+    """The server feeds runs of lines, not lines: same message, same refusals, same end."""
+    by_line = assemble(stream, max_size=1000 if b"y" * 600 in stream else 10_000)[0]
+    d = DataAssembler(1000 if b"y" * 600 in stream else 10_000)
+    fed = 0
+    for chunk in server_chunks(stream):
+        fed += len(chunk)
+        if d.feed(chunk):
+            break
+    assert fed == len(stream)                          # ended exactly at the real end
+    assert d.result() == by_line

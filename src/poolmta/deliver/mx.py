@@ -52,6 +52,7 @@ SEE ALSO: dns.py, deliver/scheduler.py, deliver/outcome.py, assess/source_domain
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 from collections.abc import Iterable
@@ -60,6 +61,12 @@ from dataclasses import dataclass
 from ..dns import Rcode, Resolver
 from ..replies import (R451_443_DNS_TEMPFAIL, R550_512_NO_SUCH_DOMAIN, R550_544_NO_ROUTE, R550_5110_NULL_MX,
                        Reply)
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_version(address: str) -> int:
+    """4 or 6 (asked for every target and source of every delivery: remembered)."""
+    return ipaddress.ip_address(address).version
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class Target:
     @property
     def family(self) -> int:
         """4 or 6: the IP version of ``address``."""
-        return ipaddress.ip_address(self.address).version
+        return ip_version(self.address)
 
 
 @dataclass(frozen=True)

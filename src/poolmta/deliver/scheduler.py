@@ -68,7 +68,6 @@ dsn/build.py, pipeline.py, app.py
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -106,7 +105,7 @@ class _Progress:
 
 
 def _family(source: Source) -> int:
-    return ipaddress.ip_address(source.address).version
+    return mx.ip_version(source.address)
 
 
 def _family_names(families) -> str:

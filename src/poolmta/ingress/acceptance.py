@@ -586,49 +586,41 @@ class DataAssembler:
     """The DATA phase, sans I/O: feed it the chunks the reader returns, in order,
     until ``feed`` returns True; then ``result()`` is the message or a Refuse.
 
-    Chunks are what ``StreamReader.readuntil(b"\\r\\n")`` returns (a line ending
-    in CRLF) or, for over-long lines, what ``read(LimitOverrunError.consumed)``
-    returns (a fragment without CRLF). A chunk holds at most one CRLF, at its end.
-    Only a chunk ``b".\\r\\n"`` that starts a line (the previous chunk ended in
-    CRLF, or DATA just began) ends the message.
+    A chunk is any run of bytes in stream order; the server reads up to each
+    ``.<CRLF>`` (``StreamReader.readuntil(b".\\r\\n")``, or what it holds when a
+    stretch has none), so a chunk holds many lines and the end of data can only
+    be at the end of a chunk. Only a ``.<CRLF>`` that starts a line (after a CRLF,
+    or at the very start of DATA) ends the message. The checks run once over the
+    whole message, in C (bytes.count, split, replace), not per line in Python:
+    reading 4 KB line by line was a tenth of the gateway's CPU.
     """
 
     def __init__(self, max_size: int, max_line: int = MAX_LINE):
         self.max_size, self.max_line = max_size, max_line
         self.size = 0
-        self.bare_newline = self.too_long = self.too_big = False
+        self.too_big = False
         self.done = False
         self._parts: list[bytes] = []
-        self._line_start = True
-        self._line_len = 0
+        self._last2 = b"\r\n"           # the DATA command's own CRLF: a first line "." ends DATA
 
     def feed(self, chunk: bytes) -> bool:
         """Take one chunk; True once the real end-of-data line has been seen."""
         if self.done:
             raise RuntimeError("data already complete")
-        if self._line_start and chunk == b".\r\n":
-            self.done = True
-            return True
-        complete = chunk.endswith(b"\r\n")
-        text = chunk[:-2] if complete else chunk
-        if b"\r" in text or b"\n" in text:
-            self.bare_newline = True
-        if self._line_start and chunk.startswith(b"."):
-            chunk, text = chunk[1:], text[1:]          # transparency (RFC 5321 §4.5.2)
+        end = chunk.endswith(b".\r\n") and (self._last2 + chunk)[-5:-3] == b"\r\n"
+        if end:
+            chunk = chunk[:-3]                         # the "." line is not content; its CRLF-before is
         self.size += len(chunk)
-        self._line_len += len(text)
-        if self._line_len > self.max_line:
-            self.too_long = True
-        if self.size > self.max_size:
+        if self.size > self.max_size * 4 // 3 + 3:     # past any doubt: unstuffing removes at most 1 byte in 4
             self.too_big = True
-        if self.too_big or self.too_long or self.bare_newline:
+        if self.too_big:
             self._parts.clear()                        # refused anyway: keep nothing
-        else:
+        elif chunk:
             self._parts.append(chunk)
-        self._line_start = complete
-        if complete:
-            self._line_len = 0
-        return False
+        if chunk:
+            self._last2 = (self._last2 + chunk)[-2:]
+        self.done = end
+        return end
 
     def result(self) -> bytes | Refuse:
         """The message (CRLF line ends, dot-stuffing undone) or why it is refused."""
@@ -636,11 +628,17 @@ class DataAssembler:
             raise RuntimeError("data not complete")
         if self.too_big:
             return Refuse(R552_534_TOO_BIG)
-        if self.bare_newline:
+        raw = b"".join(self._parts)
+        crlf = raw.count(b"\r\n")
+        if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf or (raw and not raw.endswith(b"\r\n")):
             return Refuse(R554_560_BARE_NEWLINE)
-        if self.too_long:
+        # Transparency (RFC 5321 §4.5.2): the first "." of every line that starts with one.
+        content = (raw[1:] if raw.startswith(b".") else raw).replace(b"\r\n.", b"\r\n")
+        if len(content) > self.max_size:
+            return Refuse(R552_534_TOO_BIG)
+        if len(content) > self.max_line and max(map(len, content.split(b"\r\n"))) > self.max_line:
             return Refuse(R500_LINE_TOO_LONG)
-        return b"".join(self._parts)
+        return content
 
 
 # ---- mail loops --------------------------------------------------------------

@@ -8,8 +8,8 @@ with the parts poolmta cannot take as they are:
   (RET, ENVID, NOTIFY, ORCPT) are understood instead of answered with 555;
   a null reverse-path opens a transaction (aiosmtpd tests ``mail_from`` for
   truth, so ``MAIL FROM:<>`` would not count as one);
-- DATA is read by acceptance.DataAssembler until the one real
-  ``<CRLF>.<CRLF>``; bare CR/LF (SMTP smuggling) refuses the whole message;
+- DATA is read in runs up to each ``.<CRLF>`` and checked by
+  acceptance.DataAssembler until the one real ``<CRLF>.<CRLF>``; bare CR/LF (SMTP smuggling) refuses the whole message;
 - AUTH PLAIN and LOGIN await the handler's check, which runs scrypt in a
   thread (aiosmtpd 1.4.6 calls ``authenticator=`` synchronously, which would
   stall every session for the length of a hash); ``authenticator=`` is left
@@ -376,9 +376,10 @@ class PoolSMTP(SMTP):
         data = DataAssembler(self.server_cfg.max_message_size)
         while True:
             try:
-                chunk = await self._reader.readuntil(b"\r\n")
+                # Up to the next ".<CRLF>" (the end of data is one): many lines per call.
+                chunk = await self._reader.readuntil(b".\r\n")
             except asyncio.LimitOverrunError as e:
-                # An over-long line: take what the reader holds, keep draining.
+                # No ".<CRLF>" within the reader's limit: take what it holds, keep reading.
                 chunk = await self._reader.read(e.consumed)
             except asyncio.IncompleteReadError:
                 log.info("%r connection closed during DATA", self.session.peer if self.session else None)

@@ -77,6 +77,7 @@ class Gateway:
         await self.scheduler.stop()
         await self.spool.close()
         await self.state.close()
+        self.trace.flush()
 
 
 async def serve(cfg: Config, ready=None, *, worker: int = 0, workers: int = 1) -> None:

@@ -105,6 +105,22 @@ def test_a_killed_worker_is_started_again_and_mail_still_flows(world):
         assert wait_summary(world, q, lambda s: s.get("delivered") == 1)["routed"] == "normal"
 
 
+def test_both_workers_write_whole_event_log_lines(world):
+    """Each worker writes its trace lines in writes of at most PIPE_BUF: no line is torn."""
+    import json
+    qids = burst(world, "log", sessions=6, per_session=4)
+    for q in qids:
+        wait_summary(world, q, lambda s: s.get("delivered") == 1)
+    time.sleep(0.3)
+    events = []
+    for line in world.log_path.read_text().splitlines():
+        if " poolmta.trace INFO " in line:
+            events.append(json.loads(line.split(" poolmta.trace INFO ", 1)[1]))
+    queued = {e["queue_id"] for e in events if e["event"] == "queued"}
+    delivered = {e["queue_id"] for e in events if e["event"] == "delivered"}
+    assert set(qids) <= queued and set(qids) <= delivered
+
+
 def test_sigterm_to_the_master_stops_every_worker(world):
     kids = wait_children(world.proc.pid, lambda k: len(k) == 2)
     world.proc.send_signal(signal.SIGTERM)
@@ -121,3 +137,4 @@ def test_workers_do_not_outlive_a_killed_master(tmp_path, monkeypatch):
         while time.time() < end and any(alive(p) for p in kids):
             time.sleep(0.1)
         assert not any(alive(p) for p in kids)
+

@@ -10,8 +10,12 @@ SEE ALSO: trace/events.py, trace/query.py, spool/sqlite.py
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import select
 import sqlite3
+import sys
+import time
 from typing import Callable
 
 import orjson
@@ -49,6 +53,10 @@ class Recorder:
             if ev is None:
                 return
 
+    def flush(self) -> None:
+        """Write the event log lines still waiting for the end of this event-loop turn."""
+        _event_log.flush()
+
     def capture(self) -> list[Event]:
         """Start collecting events in memory (tests) and return the list."""
         self.captured = []
@@ -75,10 +83,70 @@ def _encoded(ev: Event) -> bytes:
     return cached
 
 
+class EventLog:
+    """Trace events as one JSON object per line on standard error, in the format of the
+    gateway's other log lines (``2026-12-04 09:10:09,802 poolmta.trace INFO {…}``),
+    when the ``poolmta.trace`` logger is enabled for INFO (``serve --log-level``).
+
+    Why not ``logging.info``: seven events per message made the logging machinery
+    (record, formatter, handler, a flush per line) a tenth of the gateway's CPU.
+    Lines are gathered and written once per event-loop turn, in writes of at most
+    PIPE_BUF bytes so that worker processes sharing the stream never interleave
+    inside a line."""
+
+    def __init__(self, stream=None):
+        self._stream = stream                 # None: sys.stderr as it is at each write
+        self._pending: list[bytes] = []
+        self._scheduled = False
+        self._second = -1
+        self._stamp = ""
+
+    def add(self, ts: float, line: bytes) -> None:
+        sec = int(ts)
+        if sec != self._second:
+            self._second, self._stamp = sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+        self._pending.append(f"{self._stamp},{int((ts - sec) * 1000):03d} poolmta.trace INFO ".encode()
+                             + line + b"\n")
+        if self._scheduled:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+            self._scheduled = True
+        except RuntimeError:                  # no event loop (a command-line tool): at once
+            self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        stream = self._stream or sys.stderr
+        out = getattr(stream, "buffer", None)
+        chunk: list[bytes] = []
+        size = 0
+        try:
+            for line in lines + [b""]:
+                if (size + len(line) > select.PIPE_BUF or not line) and chunk:
+                    data = b"".join(chunk)
+                    if out is not None:
+                        out.write(data)
+                    else:
+                        stream.write(data.decode("utf-8", "replace"))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            stream.flush()
+        except (OSError, ValueError):         # a closed or broken stream must not stop the mail
+            pass
+
+
+_event_log = EventLog()
+
+
 def _to_json_log(ev: Event) -> Event:
     if log.isEnabledFor(logging.INFO):
         # {"event":…,"queue_id":…,"ts":…, then the data's own members}
         head = orjson.dumps({"event": ev.kind.value, "queue_id": ev.queue_id, "ts": round(ev.ts, 6)})
         data = _encoded(ev)
-        log.info((head[:-1] + b"," + data[1:] if len(data) > 2 else head).decode())
+        _event_log.add(ev.ts, head[:-1] + b"," + data[1:] if len(data) > 2 else head)
     return ev

@@ -190,3 +190,54 @@ async def test_spamd_address_that_is_not_one_fails_cleanly():
     ctx = Context(resolver=None, directory=Directory(CFG), spam=SpamConfig(spamd="host:notaport"))
     f = await spam.check(msg(mail("hello"), tenant="sa"), ctx)
     assert (f.failed, f.engine, f.is_spam) == (True, "spamassassin", False) and "bad spamd address" in f.detail
+
+
+def _slow(content: bytes):
+    """What parse() gives through the email package (the path every message took before)."""
+    import email as email_pkg
+    msg = email_pkg.message_from_bytes(content)
+    texts, types = [], []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        types.append(part.get_content_type())
+        if part.get_content_maintype() == "text":
+            texts.append(builtin._text_of(part))
+    return "\n".join(texts), types
+
+
+def test_plain_text_shortcut_reads_what_the_email_package_reads():
+    from pathlib import Path
+    quick = 0
+    for f in sorted((Path(__file__).parents[1] / "data").rglob("*")):
+        if not f.is_file():
+            continue
+        raw = f.read_bytes()
+        if raw.startswith(b"From "):
+            raw = raw.split(b"\n", 1)[1]
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        p = builtin._plain_text(raw)
+        if p is not None:
+            quick += 1
+            assert (p.text, p.types) == _slow(raw), f
+    assert quick >= 50
+
+
+@pytest.mark.parametrize("head, taken", [
+    (b"Subject: a", True),
+    (b"Content-Type: text/plain; charset=\"UTF-8\"\r\nContent-Transfer-Encoding: 8bit", True),
+    (b"Content-Type: text/plain;\r\n\tcharset=iso-8859-1; format=flowed", True),
+    (b"Content-Type: text/plain; charset*=utf-8''x", False),
+    (b"Content-Transfer-Encoding: quoted-printable", False),
+    (b"Content-Type: text/html", False),
+    (b"Content-Type: multipart/alternative; boundary=x", False),
+    (b"Content-Type: text/plain\r\nContent-Type: text/html", False),
+    (b"not a header line", False),
+])
+def test_plain_text_shortcut_only_where_it_is_exact(head, taken):
+    raw = head + b"\r\n\r\ncaf\xc3\xa9 http://user@203.0.113.9/x unsubscribe\r\n"
+    p = builtin._plain_text(raw)
+    assert (p is not None) == taken
+    if p is not None:
+        assert (p.text, p.types) == _slow(raw)
+        assert builtin.parse(raw).urls == [("http://user@203.0.113.9/x", "user@203.0.113.9")]

@@ -398,13 +398,21 @@ class _AioSession:
         return await self._reply(self.smtp.starttls(server_hostname=self.target.host, validate_certs=False,
                                                     timeout=self.timeout))
 
+    async def _path_command(self, verb: bytes, prefix: bytes, address: str, options: Sequence[str],
+                            utf8: bool) -> SmtpReply:
+        """MAIL FROM:<a> / RCPT TO:<b> with the address as ingress parsed and stored it.
+        aiosmtplib's mail()/rcpt() would re-parse it with email.utils.parseaddr (a header
+        parser, not RFC 5321's: it can mangle a quoted local part, and cost 3 % of CPU)."""
+        path = b"<" + address.encode("utf-8" if utf8 else "ascii") + b">"
+        r = await self.smtp.execute_command(verb, prefix + path, *(o.encode("ascii") for o in options),
+                                            timeout=self.timeout)
+        return SmtpReply(r.code, flatten(r.message))
+
     async def mail(self, sender: str, options: Sequence[str], utf8: bool) -> SmtpReply:
-        return await self._reply(self.smtp.mail(sender, options=list(options), encoding="utf-8" if utf8 else "ascii",
-                                                timeout=self.timeout))
+        return await self._path_command(b"MAIL", b"FROM:", sender, options, utf8)
 
     async def rcpt(self, recipient: str, options: Sequence[str], utf8: bool) -> SmtpReply:
-        return await self._reply(self.smtp.rcpt(recipient, options=list(options),
-                                                encoding="utf-8" if utf8 else "ascii", timeout=self.timeout))
+        return await self._path_command(b"RCPT", b"TO:", recipient, options, utf8)
 
     async def data(self, content: bytes) -> SmtpReply:
         return await self._reply(self.smtp.data(content, timeout=self.timeout))

@@ -101,8 +101,63 @@ def _text_of(part: email.message.Message) -> str:
     return text
 
 
+_FIELD_NAME = re.compile(rb"[!-9;-~]+")           # RFC 5322 §3.6.8 ftext
+_CHARSET = re.compile(rb'^\s*charset\s*=\s*(?:"([^"\\]*)"|([^\s";()<>@,:\\/\[\]?=]+))\s*$', re.I)
+
+
+def _plain_text(content: bytes) -> Parsed | None:
+    """The text of a one-part text/plain message without a transfer encoding (most
+    machine-sent mail), read without the email package, decoded as ``_text_of``
+    decodes it; None for anything else (multipart, base64, quoted-printable, HTML,
+    RFC 2231 parameters, repeated or odd headers), which goes to the real parser.
+    Parsing every message with the email package was 7 % of the gateway's CPU."""
+    head, sep, body = content.partition(b"\r\n\r\n")
+    if not sep or b"\n" in head.replace(b"\r\n", b""):
+        return None
+    ctype = cte = None
+    for line in head.replace(b"\r\n\t", b" ").replace(b"\r\n ", b"  ").split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon or not _FIELD_NAME.fullmatch(name):
+            return None                           # not a header section the parser would read as one
+        lname = name.lower()
+        if lname == b"content-type":
+            if ctype is not None:
+                return None
+            ctype = value
+        elif lname == b"content-transfer-encoding":
+            if cte is not None:
+                return None
+            cte = value
+    if cte is not None and cte.strip().lower() not in (b"7bit", b"8bit"):
+        return None
+    charset = None
+    if ctype is not None:
+        main, _, params = ctype.partition(b";")
+        if main.strip().lower() != b"text/plain" or b"(" in ctype:
+            return None
+        for param in (p for p in params.split(b";") if p.strip()):
+            m = _CHARSET.match(param)
+            if m is None:
+                if param.split(b"=", 1)[0].strip().lower().startswith(b"charset"):
+                    return None                   # charset*=, or something the parser reads otherwise
+                continue
+            if charset is not None:
+                return None
+            charset = (m.group(1) if m.group(1) is not None else m.group(2)).decode("ascii", "replace").lower()
+    try:
+        text = body.decode(charset or "latin-1", "replace")
+    except LookupError:
+        text = body.decode("latin-1", "replace")
+    urls = [(m.group(0)[:200], m.group(1)) for m in _URL.finditer(text)]
+    return Parsed(text, urls, ["text/plain"])
+
+
 def parse(content: bytes, max_size: int = 512 * 1024) -> Parsed:
-    msg = email.message_from_bytes(truncate(content, max_size))
+    content = truncate(content, max_size)
+    quick = _plain_text(content)
+    if quick is not None:
+        return quick
+    msg = email.message_from_bytes(content)
     texts, types = [], []
     for i, part in enumerate(msg.walk()):
         if i >= MAX_PARTS:

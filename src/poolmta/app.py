@@ -75,9 +75,9 @@ class Gateway:
     async def stop(self) -> None:
         await self.ingress.stop()
         await self.scheduler.stop()
+        self.trace.flush()
         await self.spool.close()
         await self.state.close()
-        self.trace.flush()
 
 
 async def serve(cfg: Config, ready=None, *, worker: int = 0, workers: int = 1) -> None:

@@ -513,6 +513,7 @@ async def _queue(cfg, args) -> int:
             return 0
         return 2
     finally:
+        trace.flush()                # the events ride the spool's last commit
         await spool.close()
 
 

@@ -15,7 +15,9 @@ SEE ALSO: assess/, route/decide.py, dsn/build.py
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from email.utils import getaddresses
 from enum import StrEnum
 
 import orjson
@@ -233,3 +235,11 @@ def domain_of(address: str) -> str:
     if "@" not in address:
         return ""
     return address.rpartition("@")[2].rstrip(".").lower()
+
+
+@functools.lru_cache(maxsize=1024)
+def header_addresses(values: tuple[str, ...]) -> tuple[str, ...]:
+    """The addresses in header field values (``From:`` …), as email.utils.getaddresses
+    reads them, empty ones left out. Remembered: DKIM signing and the sender limits
+    both read each message's From, and a sender's From rarely changes."""
+    return tuple(a for _, a in getaddresses(list(values)) if a)

@@ -312,7 +312,7 @@ async def test_auth_state_belongs_to_each_connection(gw):
     await a.close()
     await b.close()
     import aiosmtpd.smtp
-    assert type(aiosmtpd.smtp.inspect).__name__ == "_AuthMembersOncePerClass"
+    assert type(aiosmtpd.smtp.inspect).__name__ == "_InspectOncePerClass"
 
 
 async def test_auth_refusals(gw):

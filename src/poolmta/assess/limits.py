@@ -40,10 +40,10 @@ from __future__ import annotations
 
 import logging
 import math
-from email.utils import formatdate, getaddresses, make_msgid
+from email.utils import formatdate, make_msgid
 
 from ..config import Config, PolicyConfig
-from ..model import Envelope, Facts, LimitFact, Message, Origin, Recipient, domain_of
+from ..model import Envelope, Facts, LimitFact, Message, Origin, Recipient, domain_of, header_addresses
 from ..state import Restriction, SenderState, utc_day_start
 from .dsn import headers
 
@@ -62,7 +62,7 @@ def tenant_external_limit(external_recipients_per_day: int, licenses: int) -> in
 
 
 def from_address(content: bytes) -> str:
-    addrs = [a for _, a in getaddresses([str(v) for v in headers(content).get_all("From", [])]) if "@" in a]
+    addrs = [a for a in header_addresses(tuple(str(v) for v in headers(content).get_all("From", []))) if "@" in a]
     return addrs[0].lower() if addrs else ""
 
 

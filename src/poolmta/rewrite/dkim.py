@@ -43,7 +43,6 @@ import base64
 import functools
 import re
 from dataclasses import dataclass
-from email.utils import getaddresses
 from typing import Iterable
 
 import dkim as dkimpy
@@ -51,6 +50,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
 
+from ..model import header_addresses
 from .keys import Key, KeyProblem
 
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
@@ -162,7 +162,7 @@ def signing_domain(content: bytes, accepted_domains: Iterable[str]) -> str | Non
     froms = header_values(content, "from")
     if len(froms) != 1:
         return None
-    addrs = [a for _, a in getaddresses(froms) if a]
+    addrs = header_addresses(tuple(froms))
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None
     domain = addrs[0].rpartition("@")[2].strip().rstrip(".").lower()

@@ -21,10 +21,14 @@ its number``, so after a restart with fewer workers no shard is orphaned.
 
 Operations a caller may rely on:
 
-- ``due(now, limit, busy)`` selects whole (queue id, domain) groups in SQL
-  (GROUP BY, earliest next attempt first, LIMIT limit + len(busy)) and then
-  drops the busy ones: a group is never split, and large messages already in
-  flight cannot crowd the others out of a round;
+- ``due(now, limit, busy)`` gives up to ``limit`` whole (queue id, domain)
+  groups, earliest next attempt first: it streams due rows from the
+  ``recipients_due`` index until it has found that many groups not in
+  ``busy``, then reads each group's due recipients. Its cost follows the rows
+  it steps over, not the depth of the queue; a group is never split, and
+  large messages already in flight cannot crowd the others out of a round;
+- ``next_due_time()`` is one index seek (per shard number, with workers);
+- ``undelivered_dsns()`` reads the ``recipients_dsn_owed`` index only;
 - ``update`` changes only recipients still queued or deferred and returns
   the idxs it changed (one UPDATE per recipient; its rowcount says whether
   the row was still pending): a late result never overwrites a final state;
@@ -103,6 +107,7 @@ CREATE TABLE IF NOT EXISTS recipients(
     PRIMARY KEY(queue_id, idx)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state IN ('queued', 'deferred');
+CREATE INDEX IF NOT EXISTS recipients_dsn_owed ON recipients(queue_id) WHERE state IN ('bounced', 'expired') AND dsn_sent = 0;
 CREATE INDEX IF NOT EXISTS recipients_addr ON recipients(address);
 CREATE TABLE IF NOT EXISTS events(
     id        INTEGER PRIMARY KEY,
@@ -124,11 +129,17 @@ def _connect(path: str) -> sqlite3.Connection:
     return con
 
 
+MAX_SHARD = 16                     # workers are numbered 0..15 (master.py, server.workers)
+
+
 def _migrate(con: sqlite3.Connection) -> None:
     """Bring a spool written by an earlier version up to SCHEMA (columns added since)."""
     cols = {r[1] for r in con.execute("PRAGMA table_info(recipients)")}
     if "shard" not in cols:
         con.execute("ALTER TABLE recipients ADD COLUMN shard INTEGER NOT NULL DEFAULT 0")
+    # Each worker's next due time in O(log n) however deep the other shards are.
+    con.execute("CREATE INDEX IF NOT EXISTS recipients_due_shard ON recipients(shard, next_attempt)"
+                " WHERE state IN ('queued', 'deferred')")
 
 
 def prepare(data_dir: str | os.PathLike) -> None:
@@ -296,33 +307,51 @@ class SQLiteSpool:
     async def due(self, now: float, limit: int, busy: set[tuple[str, str]]) -> list[tuple[str, str, list[int]]]:
         """Whole (queue id, domain) groups with a due recipient, earliest first.
 
-        SQL groups the rows, so the LIMIT counts groups, not recipients: a big
-        group is never split, and groups in flight (``busy``, left out here)
-        can take at most len(busy) of the places."""
+        The limit counts groups, not recipients: a big group is never split, and
+        groups in flight (``busy``) are left out without taking places."""
         if limit <= 0:
             return []
 
         def op(con: sqlite3.Connection):
+            # Due rows streamed in next_attempt order from the partial index, only until
+            # LIMIT groups are found (grouping every due row first cost a second per
+            # round with 1 M due); rows of busy groups are stepped over, so big groups in
+            # flight cannot starve the rest. Then each group's due recipients by its
+            # queue id: a group is never split.
+            groups: list[tuple[str, str]] = []
+            seen: set[tuple[str, str]] = set(busy)
             rows = con.execute(
-                "SELECT queue_id, domain, group_concat(idx), MIN(next_attempt) AS first FROM recipients"
+                "SELECT queue_id, domain FROM recipients INDEXED BY recipients_due"
                 " WHERE state IN ('queued','deferred') AND next_attempt <= ?" + self._mine +
-                " GROUP BY queue_id, domain ORDER BY first, queue_id, domain LIMIT ?",
-                (now, limit + len(busy))).fetchall()
+                " ORDER BY next_attempt", (now,))
+            for qid, dom in rows:
+                if (qid, dom) not in seen:
+                    seen.add((qid, dom))
+                    groups.append((qid, dom))
+                    if len(groups) >= limit:
+                        break
             out: list[tuple[str, str, list[int]]] = []
-            for qid, dom, idxs, _ in rows:
-                if (qid, dom) in busy:
-                    continue
-                out.append((qid, dom, sorted(int(i) for i in idxs.split(","))))
-                if len(out) >= limit:
-                    break
+            for qid, dom in groups:
+                idxs = [r[0] for r in con.execute(
+                    "SELECT idx FROM recipients WHERE queue_id=? AND domain=? AND state IN ('queued','deferred')"
+                    " AND next_attempt <= ? ORDER BY idx", (qid, dom, now))]
+                if idxs:
+                    out.append((qid, dom, idxs))
             return out
         return await self._read(op)
 
     async def next_due_time(self) -> float | None:
         def op(con):
-            r = con.execute("SELECT MIN(next_attempt) FROM recipients WHERE state IN ('queued','deferred')"
-                            + self._mine).fetchone()
-            return r[0]
+            if self.shards == 1:
+                return con.execute("SELECT MIN(next_attempt) FROM recipients"
+                                   " WHERE state IN ('queued','deferred')").fetchone()[0]
+            # One index seek per shard number this worker owns (shard % shards == mine):
+            # "shard % N = k" in a WHERE would walk the whole due index of the others.
+            mine = range(self.shard, MAX_SHARD, self.shards)
+            parts = " UNION ALL ".join(
+                "SELECT (SELECT MIN(next_attempt) FROM recipients WHERE state IN ('queued','deferred')"
+                f" AND shard = {k}) AS m" for k in mine)
+            return con.execute(f"SELECT MIN(m) FROM ({parts})").fetchone()[0]
         return await self._read(op)
 
     async def get(self, queue_id: str) -> StoredMessage | None:

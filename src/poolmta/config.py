@@ -174,7 +174,7 @@ class ServerConfig:
         "Offer AUTH without TLS to clients connecting from a loopback address (testing, local submission)."))
     timeout: float = field(default=300.0, metadata=_doc(
         "Idle timeout of an SMTP session.", parse=parse_duration))
-    workers: int = field(default=1, metadata=_doc(
+    workers: int = field(default=0, metadata=_doc(
         "Worker processes that take and deliver mail (Postfix runs many smtpd and smtp processes too): they share "
         "the listen port (SO_REUSEPORT) and the spool, and each delivers the mail it accepted. 0 = one per CPU, "
         "at most 16. One event loop uses one core at most: on a busy multi-core host set 0."))

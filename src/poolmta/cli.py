@@ -86,6 +86,12 @@ def cmd_serve(args) -> int:
         return 2
 
     from . import master
+    master.limit_malloc_arenas()               # before any thread: the workers inherit it
+    try:
+        lock = master.lock_spool(cfg.server.data_dir)      # held until the last worker exits
+    except master.SpoolBusy as e:
+        print(f"poolmta: cannot start: {e}", file=sys.stderr)
+        return 1
     workers = master.worker_count(cfg.server.workers)
     host = cfg.server.listen.rsplit(':', 1)[0]
 
@@ -98,6 +104,8 @@ def cmd_serve(args) -> int:
         except OSError as e:
             print(f"poolmta: cannot start: {e}", file=sys.stderr)
             return 1
+        finally:
+            lock.close()
         return 0
 
     from .ingress.server import listen_address
@@ -131,6 +139,7 @@ def cmd_serve(args) -> int:
     finally:
         if reserved is not None:
             reserved.close()
+        lock.close()
 
 
 # ---- config --------------------------------------------------------------------

@@ -97,3 +97,40 @@ async def test_cache_time_zero_means_quit_after_every_message():
     await send(conn, cache)
     await send(conn, cache)
     assert commands(conn).count("CONNECT") == 2 and commands(conn).count("QUIT") == 2
+
+
+async def test_a_session_whose_data_command_was_refused_is_not_kept():
+    """A 554 to the DATA command leaves the server's transaction open (Postfix then says
+    503 nested MAIL command): such a session must not carry the next message."""
+    state = {"open": False}
+
+    def handler(target, command):
+        if command.startswith("MAIL"):
+            if state["open"]:
+                return "503 5.5.1 Error: nested MAIL command"
+            state["open"] = True
+            return "250 2.1.0 Ok"
+        if command == "DATA":
+            return "554 5.7.1 no data for you"            # the transaction stays open on the server
+        if command == "CONNECT":
+            state["open"] = False
+        return server()(target, command)
+    conn, cache = FunctionConnector(handler), SessionCache(idle=5)
+    first = await send(conn, cache, "a@dest.test")
+    assert first.data.code == 554 and cache.idle_sessions == 0
+    second = await send(conn, cache, "b@dest.test")
+    assert second.reused == 0 and second.mail.code == 250 and commands(conn).count("CONNECT") == 2
+
+
+async def test_503_to_mail_on_a_kept_session_means_a_new_connection():
+    mails = 0
+
+    def mail(command):
+        nonlocal mails
+        mails += 1
+        return "503 5.5.1 Error: nested MAIL command" if mails == 2 else "250 2.1.0 OK"
+    conn, cache = FunctionConnector(server(MAIL=mail)), SessionCache(idle=5)
+    await send(conn, cache)
+    t = await send(conn, cache)
+    assert t.reused == 0 and t.mail.code == 250 and t.data.code == 250
+    await cache.close()

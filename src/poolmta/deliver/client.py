@@ -247,11 +247,18 @@ def rcpt_options(session: Session, rcpt: Recipient) -> list[str]:
     return opts
 
 
+# Replies to MAIL on a kept session that say the session, not the sender, is the problem.
+_SESSION_GONE = (421, 503)
+
+
 def _reusable(t: Transcript) -> bool:
-    """The transaction is over and the session is in a known state: the final reply to
-    DATA came, nothing broke, and no reply announced that the server is closing (421)."""
-    return (t.error is None and t.data is not None
-            and all(r is None or r.code != 421 for r in (t.mail, t.data, *t.rcpt)))
+    """The transaction is over and the session is in a known state: the message was
+    taken (2xx after the content), nothing broke, no reply announced that the server
+    is closing (421). A refusal of the DATA command itself comes back in ``t.data``
+    too, and leaves the server's transaction open: the next MAIL would get 503
+    "nested MAIL command" and bounce an innocent message. So only a 2xx counts."""
+    return (t.error is None and t.data is not None and 200 <= t.data.code < 300
+            and all(r is None or r.code != 421 for r in (t.mail, *t.rcpt)))
 
 
 async def transact(connector: Connector, target: Target, source: Source, *, port: int, envelope: Envelope,
@@ -274,13 +281,14 @@ async def transact(connector: Connector, target: Target, source: Source, *, port
         except BaseException:
             kept.session.close()
             raise
-        if t.mail is not None and t.mail.code != 421 and not (t.error is not None and t.error_stage == Stage.MAIL):
+        if (t.mail is not None and t.mail.code not in _SESSION_GONE
+                and not (t.error is not None and t.error_stage == Stage.MAIL)):
             kept.uses += 1
             if not (_reusable(t) and cache.keep(key, kept)):
                 await _end(kept.session, t)
             return t
-        # The server let the parked session go (closed it, or 421 at MAIL): not this
-        # message's failure; a new connection below.
+        # The server let the parked session go (closed it, 421 at MAIL) or lost its
+        # state (503 to MAIL): not this message's failure; a new connection below.
         kept.session.close()
     t = Transcript(target, source, port, tuple(r.address for r in recipients))
     try:

@@ -182,7 +182,10 @@ class Scheduler:
                 groups.setdefault(r.domain, []).append(r.idx)
         for domain, idxs in groups.items():
             key = (msg.queue_id, domain)
-            if key in self._inflight or key in self._penalty or len(self._inflight) >= self.cfg.concurrency:
+            # While work waits in the spool for a slot, new mail queues behind it (the loop
+            # serves due order); otherwise fresh mail would take every slot that frees.
+            if (self._backlog or key in self._inflight or key in self._penalty
+                    or len(self._inflight) >= self.cfg.concurrency):
                 self._backlog = True
                 self.wake()
                 continue
@@ -289,13 +292,18 @@ class Scheduler:
 
     async def _deliver(self, queue_id: str, domain: str, idxs: list[int], progress: _Progress,
                        stored: StoredMessage | None = None) -> None:
-        if stored is None:
+        from_spool = stored is None
+        if from_spool:
             stored = await self.spool.get(queue_id)
         if stored is None:
             return                                   # deleted by the operator meanwhile
         progress.stored = stored
         wanted = set(idxs)
-        rcpts = [r for r in stored.recipients if r.idx in wanted and not r.state.final]
+        now = self.clock.now()
+        # From the spool: only recipients still due (the due() answer may be older than
+        # a deferral another task just committed for them).
+        rcpts = [r for r in stored.recipients if r.idx in wanted and not r.state.final
+                 and not (from_spool and r.next_attempt > now)]
         if not rcpts:
             return
         msg, decision = stored.message, stored.decision

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import select
 import sqlite3
 import sys
@@ -135,23 +136,37 @@ class EventLog:
         if not lines:
             return
         stream = self._stream or sys.stderr
-        out = getattr(stream, "buffer", None)
-        chunk: list[bytes] = []
-        size = 0
         try:
-            for line in lines + [b""]:
-                if (size + len(line) > select.PIPE_BUF or not line) and chunk:
-                    data = b"".join(chunk)
-                    if out is not None:
-                        out.write(data)
-                    else:
-                        stream.write(data.decode("utf-8", "replace"))
-                    chunk, size = [], 0
-                chunk.append(line)
-                size += len(line)
-            stream.flush()
+            stream.flush()                    # what went through the stream before goes first
+            try:
+                fd = stream.fileno()
+            except (AttributeError, OSError, ValueError):
+                fd = None                     # not a real file (a test's capture): through the stream
+            for data in _pipe_sized(lines):
+                if fd is None:
+                    out = getattr(stream, "buffer", None)
+                    out.write(data) if out is not None else stream.write(data.decode("utf-8", "replace"))
+                    continue
+                while data:                   # os.write, not the buffered writer, which would merge
+                    data = data[os.write(fd, data):]
+            if fd is None:
+                stream.flush()
         except (OSError, ValueError):         # a closed or broken stream must not stop the mail
             pass
+
+
+def _pipe_sized(lines: list[bytes]):
+    """Whole lines joined into writes of at most PIPE_BUF bytes (a longer line alone)."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > select.PIPE_BUF:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
 
 
 _event_log = EventLog()

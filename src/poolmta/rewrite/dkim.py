@@ -69,6 +69,46 @@ class SignProblem:
         return f"not DKIM-signed for {self.domain}: {self.reason}"
 
 
+_WSP_BEFORE_CRLF = re.compile(rb"[\t ]+\r\n")
+_WSP_TO_COMPRESS = re.compile(rb"[\t ]{2,}|\t")
+
+
+def _strip_trailing_whitespace(content: bytes) -> bytes:
+    """dkimpy's, without the scan when no line ends in WSP (the usual case)."""
+    if b" \r\n" not in content and b"\t\r\n" not in content:
+        return content
+    return _WSP_BEFORE_CRLF.sub(b"\r\n", content)
+
+
+def _compress_whitespace(content: bytes) -> bytes:
+    """dkimpy's ``re.sub(b"[\\t ]+", b" ", content)``, which also replaces every single
+    space with a space: one substitution per word, 6.8 ms for a 100 KB message, most
+    of a signature. Only runs of two or more and tabs change anything."""
+    if b"\t" not in content and b"  " not in content:
+        return content
+    return _WSP_TO_COMPRESS.sub(b" ", content)
+
+
+def _install_faster_canonicalization() -> None:
+    """Put the two functions above in place of dkimpy's (relaxed canonicalization, for
+    signing and verifying alike); same output, byte for byte (tests/unit/test_dkim_sign.py
+    compares them on the corpus and on generated whitespace). Only for the dkimpy
+    1.1 line, whose canonicalization module was read."""
+    import importlib.metadata
+
+    from dkim import canonicalization
+    try:
+        version = importlib.metadata.version("dkimpy")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if version.startswith("1.1."):
+        canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
+        canonicalization.compress_whitespace = _compress_whitespace
+
+
+_install_faster_canonicalization()
+
+
 @functools.lru_cache(maxsize=64)
 def _rsa_key(pem: bytes):
     """The private key as `cryptography` holds it (parsed once per key)."""

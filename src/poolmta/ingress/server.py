@@ -196,7 +196,8 @@ class _InspectOncePerClass:
     for every new connection, only to find their ``auth_*`` methods (smtp.py, the
     ``_auth_methods`` dict), and ``inspect.signature()`` on the handler's EHLO hook to
     learn which of two hook forms it is: together 7 % of the gateway's CPU under
-    smtp-source load. For our two classes the ``auth_*`` names are found once per
+    smtp-source load (its two ``dir()`` calls are answered once per class as well,
+    see _install_inspect_shim). For our two classes the ``auth_*`` names are found once per
     class and bound afresh for each instance (the methods must belong to this
     connection), and a bound method's signature is computed once per function;
     everything else goes to the real ``inspect``. Installed only into aiosmtpd's
@@ -481,7 +482,20 @@ def _install_inspect_shim() -> None:
     import aiosmtpd
     import aiosmtpd.smtp
     if aiosmtpd.__version__.startswith("1.4.") and aiosmtpd.smtp.inspect is inspect:
-        aiosmtpd.smtp.inspect = _InspectOncePerClass(inspect, (PoolSMTP, IngressHandler))
+        ours = (PoolSMTP, IngressHandler)
+        aiosmtpd.smtp.inspect = _InspectOncePerClass(inspect, ours)
+        # Its two dir() calls per connection (to find the smtp_* and handle_* methods)
+        # read the names of the class, which do not change: once per class too.
+        names: dict[type, list[str]] = {}
+
+        def dir_once_per_class(*obj):
+            if len(obj) != 1 or not isinstance(obj[0], ours):
+                return dir(*obj)
+            cls = type(obj[0])
+            if cls not in names:
+                names[cls] = dir(cls)
+            return names[cls]
+        aiosmtpd.smtp.dir = dir_once_per_class
 
 
 _install_inspect_shim()

@@ -149,14 +149,19 @@ def prepare(data_dir: str | os.PathLike) -> None:
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     con = _connect(str(Path(data_dir) / "spool.db"))
     try:
-        con.executescript(SCHEMA)
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            _migrate(con)
-        finally:
-            con.execute("COMMIT")
+        _create(con)
     finally:
         con.close()
+
+
+def _create(con: sqlite3.Connection) -> None:
+    """SCHEMA, then the migrations (one process migrates at a time)."""
+    con.executescript(SCHEMA)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        _migrate(con)
+    finally:
+        con.execute("COMMIT")
 
 
 class _Writer(threading.Thread):
@@ -165,12 +170,7 @@ class _Writer(threading.Thread):
     def __init__(self, path: str):
         super().__init__(name="spool-writer", daemon=True)
         self.con = _connect(path)
-        self.con.executescript(SCHEMA)
-        self.con.execute("BEGIN IMMEDIATE")          # one process migrates at a time
-        try:
-            _migrate(self.con)
-        finally:
-            self.con.execute("COMMIT")
+        _create(self.con)
         self.q: queue.Queue = queue.Queue()
         self.batches = 0
         self.ops = 0

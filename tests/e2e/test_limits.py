@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.support.harness import PASSWORD, World, poolmta, trace_events, trace_summary, wait_summary
+from tests.support.harness import PASSWORD, World, poolmta, trace_events, trace_summary, wait_events, wait_summary
 
 NORMAL = {"127.0.0.2", "127.0.0.5"}
 HIGH_RISK = "127.0.0.3"
@@ -39,10 +39,7 @@ def test_policy_limit_high_risk_restriction_alert_release(world):
 
     # the policy's action: block_user; the admin gets an alert, as real mail
     # Recorded once the action is taken, after the 250 (the message may be delivered first).
-    end = time.time() + 20
-    while not (acts := [e for e in trace_events(world.data_dir, q2) if e["event"] == "sender-action"]) \
-            and time.time() < end:
-        time.sleep(0.1)
+    acts = wait_events(world, q2, "sender-action")
     assert acts and "restricted:block_user" in acts[0]["actions"] and "alerted" in acts[0]["actions"]
     world.contoso.wait_for(lambda ms: world.contoso.to("admin@contoso.test"))
     alert = world.contoso.to("admin@contoso.test")[0]
@@ -164,7 +161,7 @@ def test_repeated_spam_restricts_the_sender(world):
     qids = [world.send(body, "trudy@contoso.test", [f"spam{i}@dest.test"], auth="trudy@contoso.test")
             for i in range(5)]
     assert all(wait_summary(world, q, lambda s: s.get("delivered") == 1)["routed"] == "high-risk" for q in qids)
-    acts = [e for e in trace_events(world.data_dir, qids[-1]) if e["event"] == "sender-action"]
+    acts = wait_events(world, qids[-1], "sender-action")     # recorded after the 250
     assert acts and "restricted:spam-volume" in acts[0]["actions"]
     with world.smtp("127.0.0.60") as s:
         s.login("trudy@contoso.test", PASSWORD)

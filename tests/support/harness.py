@@ -311,6 +311,18 @@ def trace_events(data_dir: Path, queue_id: str) -> list[dict]:
         con.close()
 
 
+def wait_events(world: "World", queue_id: str, kind: str, timeout: float = 20.0) -> list[dict]:
+    """Wait until QUEUE_ID's timeline holds an event of KIND; return those events. For
+    events recorded after the 250 (a sender action): the message may be delivered, and
+    its delivery traced, before they are written."""
+    end = time.time() + timeout
+    while True:
+        found = [e for e in trace_events(world.data_dir, queue_id) if e["event"] == kind]
+        if found or time.time() >= end:
+            return found
+        time.sleep(0.1)
+
+
 def corpus(name: str) -> bytes:
     """A message from tests/data/corpus with CRLF line ends and no mbox 'From ' line."""
     raw = (ROOT / "tests" / "data" / "corpus" / name).read_bytes()

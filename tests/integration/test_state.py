@@ -407,6 +407,50 @@ async def test_sqlite_file_is_wal_and_a_held_lock_does_not_block_the_loop(tmp_pa
         await s.close()
 
 
+async def test_sqlite_restriction_is_read_while_a_counter_write_waits(tmp_path):
+    """restriction() (every MAIL and RCPT) reads on the loop's own connection: it sees
+    another process's restriction at once, and does not queue behind an add that waits
+    for the write lock on the state thread."""
+    s = SQLiteState(tmp_path / "state.db")
+    other = SQLiteState(tmp_path / "state.db")        # another worker process, the CLI
+    lock = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    try:
+        await other.restrict(_r(sender="Mallory@contoso.test"))
+        lock.execute("BEGIN IMMEDIATE")
+        add = asyncio.create_task(s.add("k", 1, T0, T0 - HOUR))
+        await asyncio.sleep(0.05)
+        got = await s.restriction("user", "mallory@contoso.test", D + 20)
+        assert got is not None and got.reason == "limit:recipient_limit_per_day"
+        assert await s.restriction("user", "alice@contoso.test", D + 20) is None
+        assert not add.done()                          # still waiting for the lock
+        lock.execute("COMMIT")
+        assert await asyncio.wait_for(add, 10) == (0, 1)
+    finally:
+        lock.close()
+        await other.close()
+        await s.close()
+
+
+async def test_sqlite_prunes_each_key_once_a_minute(tmp_path):
+    """Pruning is garbage collection, done at most once per minute per key: adds every
+    10 s for 3 h (retention 1 h) keep no event older than the retention plus a minute, and the window
+    sums stay exact."""
+    s = SQLiteState(tmp_path / "state.db", retention=HOUR)
+    try:
+        n = 0
+        for i in range(3 * 360):                      # 3 h, every 10 s
+            now = T0 + i * 10.0
+            before_, after = await s.add("g", 1, now, now - 600)
+            assert (before_, after) == (min(n, 59), min(n, 59) + 1)      # (now - 600, now]: 59 earlier
+            n += 1
+        con = sqlite3.connect(tmp_path / "state.db")
+        oldest = con.execute("SELECT MIN(ts), COUNT(*) FROM events WHERE key='g'").fetchone()
+        con.close()
+        assert oldest[0] >= now - HOUR - 60 and oldest[1] <= 360 + 7, oldest
+    finally:
+        await s.close()
+
+
 async def test_sqlite_buckets_always_match_the_kept_events(tmp_path):
     """Minute and hour buckets equal the sum of the kept events in their span, through
     adds at random times and the pruning they do (so windows read buckets, not rows)."""

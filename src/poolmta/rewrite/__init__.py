@@ -47,6 +47,7 @@ log = logging.getLogger("poolmta.rewrite")
 
 
 MAX_ARC_SETS_VALIDATED = 10     # a longer incoming chain is sealed as cv=fail without DNS
+SIGN_IN_THREAD_OVER = 64 * 1024  # larger messages are signed in a worker thread, not in the event loop
 
 
 def _bounded(dnsfunc, budget: float):
@@ -128,7 +129,11 @@ class Rewriter:
             d = dkim.signing_domain(content, self.directory.accepted_by_tenant.get(msg.origin.tenant, ()))
             if d:
                 key = keys.active_key(self.key_dir, d)
-                signed = await asyncio.to_thread(dkim.sign, content, d, key, self.cfg.dkim.headers, self.clock.now())
+                if len(content) > SIGN_IN_THREAD_OVER:
+                    signed = await asyncio.to_thread(dkim.sign, content, d, key, self.cfg.dkim.headers,
+                                                     self.clock.now())
+                else:                       # ~0.3 ms for 4 KB: less than the thread hop and its wake-ups cost
+                    signed = dkim.sign(content, d, key, self.cfg.dkim.headers, self.clock.now())
                 if isinstance(signed, dkim.SignProblem):
                     notes["dkim_problem"] = str(signed)
                     log.error("sending UNSIGNED queue_id=%s: %s", msg.queue_id, signed)

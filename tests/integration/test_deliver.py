@@ -31,7 +31,7 @@ import poolmta.tenancy
 import poolmta.trace
 from poolmta import config, replies
 from poolmta.clock import SystemClock
-from poolmta.deliver import AiosmtplibConnector, Scheduler, Target, client, outcome
+from poolmta.deliver import Scheduler, SmtpConnector, Target, client, outcome
 from poolmta.dns import CachingResolver
 from poolmta.model import Envelope, Message, Origin, Recipient, Source
 from poolmta.pipeline import Pipeline
@@ -572,7 +572,7 @@ async def test_a_pool_source_that_is_not_on_this_host_is_a_local_deferral(world,
 
 async def test_refused_connection_and_bind_failure_over_real_sockets(world):
     env = Envelope("alice@sender.test", (Recipient("ok-refused@dest.test"),))
-    conn = AiosmtplibConnector()
+    conn = SmtpConnector()
 
     async def attempt(target, source):
         t = await client.transact(conn, target, source, port=world.port, envelope=env, recipients=env.recipients,

@@ -8,11 +8,12 @@ what a pool is for.
 SEE ALSO: DESIGN.md §2 (deliver), spool/schedule.py, dsn/build.py
 """
 
-from .client import AiosmtplibConnector, Connector, FunctionConnector, SmtpReply, Stage, Transcript, transact
+from .client import Connector, FunctionConnector, SmtpReply, Stage, Transcript, transact
+from .connection import SmtpConnector
 from .mx import MxAnswer, Target, lookup
 from .outcome import Deferred, Delivered, Failed, Outcome, classify, try_next
 from .scheduler import Scheduler
 
-__all__ = ["AiosmtplibConnector", "Connector", "Deferred", "Delivered", "Failed", "FunctionConnector", "MxAnswer",
-           "Outcome", "Scheduler", "SmtpReply", "Stage", "Target", "Transcript", "classify", "lookup", "transact",
+__all__ = ["Connector", "Deferred", "Delivered", "Failed", "FunctionConnector", "MxAnswer",
+           "Outcome", "Scheduler", "SmtpConnector", "SmtpReply", "Stage", "Target", "Transcript", "classify", "lookup", "transact",
            "try_next"]

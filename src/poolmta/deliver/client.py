@@ -12,13 +12,12 @@ smtp_proto.c from smtp_trouble.c).
 The network is behind a ``Connector`` (``connect(target, port, source, …)``
 → ``(Session, greeting)``), as httpx keeps its transport injectable:
 
-- ``AiosmtplibConnector`` is the real one (aiosmtplib >= 5.1.3). It binds
-  a socket to ``(source.address, 0)`` itself, so the connection leaves from
-  the pool source's IP and a failed bind is told apart from a failed
-  connect: it raises ``SourceBindError`` (a local problem, e.g. the address
-  is not configured on this host), which outcome.py reports as such. It
-  connects with connect_timeout, hands the socket to aiosmtplib and uses
-  ``local_hostname=source.ehlo`` so EHLO names the source.
+- ``SmtpConnector`` (connection.py) is the real one. It binds a socket to
+  ``(source.address, 0)`` itself, so the connection leaves from the pool
+  source's IP and a failed bind is told apart from a failed connect: it
+  raises ``SourceBindError`` (a local problem, e.g. the address is not
+  configured on this host), which outcome.py reports as such. It connects
+  with connect_timeout, and EHLO names the source (``source.ehlo``).
   A refusal reply (4xx/5xx) comes back as a reply, never as an exception;
   exceptions mean the conversation broke (refused, reset, timeout, TLS).
 - ``FunctionConnector`` turns a plain function ``(target, command) -> reply``
@@ -36,6 +35,11 @@ Behaviour worth knowing:
   BODY=8BITMIME, SMTPUTF8, and the RFC 3461 DSN parameters (RET, ENVID,
   NOTIFY, ORCPT) so that a downstream MTA honours the sender's choices.
 - No RCPT accepted: no DATA; the session ends with QUIT.
+- PIPELINING (RFC 2920) advertised and the session can write a group
+  (connection.py's can): MAIL, every RCPT and DATA go in one write and
+  their replies are read in order; the outcome is the one the sequential
+  path would have had (RCPT replies after a refused MAIL are read and
+  dropped; a 354 with no recipient accepted gets an empty message).
 - With a SessionCache (cache.py), a transaction that ended cleanly parks its
   session instead of saying QUIT, and the next transaction from the same
   source to the same address starts at MAIL FROM on it; its transcript
@@ -52,7 +56,7 @@ TRUST: remote replies are untrusted text; they are flattened to one line and
 cut to a sane length before they reach the spool, the trace or a DSN.
 
 STANDARDS: RFC 5321 §3.3, §4.1 (transaction), §4.5.3.2 (timeouts: passed in),
-RFC 3207 (STARTTLS), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 6531
+RFC 3207 (STARTTLS), RFC 2920 (PIPELINING), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 6531
 (SMTPUTF8), RFC 3461 §4 (DSN parameters, xtext).
 
 CONFIG: delivery.port, delivery.connect_timeout, delivery.command_timeout,
@@ -71,8 +75,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
-
-import aiosmtplib
 
 from ..model import Envelope, Recipient, Source
 from .cache import Idle, SessionCache
@@ -113,7 +115,8 @@ class SmtpReply:
 def flatten(text: str) -> str:
     """One line, printable, bounded: the reply may go into headers and SQLite."""
     one = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    one = "".join(c if c.isprintable() else "?" for c in one)
+    if not one.isprintable():
+        one = "".join(c if c.isprintable() else "?" for c in one)
     return one[:MAX_REPLY_TEXT]
 
 
@@ -247,6 +250,21 @@ def rcpt_options(session: Session, rcpt: Recipient) -> list[str]:
     return opts
 
 
+def command_line(*words: bytes) -> bytes:
+    """One command line; a CR or LF inside would smuggle a second command."""
+    line = b" ".join(words)
+    if b"\r" in line or b"\n" in line:
+        raise ValueError(f"CR or LF inside an SMTP command: {line[:80]!r}")
+    return line + b"\r\n"
+
+
+def path_command(prefix: bytes, address: str, options, utf8: bool) -> bytes:
+    """MAIL FROM:<a> / RCPT TO:<b> with the address as ingress parsed and stored it
+    (never re-parsed: a header parser would mangle a quoted local part)."""
+    path = b"<" + address.encode("utf-8" if utf8 else "ascii") + b">"
+    return command_line(prefix + path, *(o.encode("ascii") for o in options))
+
+
 # Replies to MAIL on a kept session that say the session, not the sender, is the problem.
 _SESSION_GONE = (421, 503)
 
@@ -356,6 +374,8 @@ async def _open(session: Session, t: Transcript, starttls: bool) -> bool:
 async def _transaction(session: Session, t: Transcript, envelope: Envelope, recipients: Sequence[Recipient],
                        content: bytes) -> None:
     """MAIL, RCPT, DATA; fills ``t``; stops at the first refusal of the session."""
+    if hasattr(session, "write_group") and session.supports("pipelining"):
+        return await _pipelined(session, t, envelope, recipients, content)
     stage = Stage.MAIL
     try:
         utf8 = envelope.smtputf8
@@ -373,73 +393,49 @@ async def _transaction(session: Session, t: Transcript, envelope: Envelope, reci
         t.error, t.error_stage = e, stage
 
 
-# ---- the real connector: aiosmtplib -------------------------------------------
+async def _pipelined(session, t: Transcript, envelope: Envelope, recipients: Sequence[Recipient],
+                     content: bytes) -> None:
+    """The transaction as a group (RFC 2920): MAIL, every RCPT and DATA in one write,
+    their replies read in order, then the content after a 354. Every reply is read
+    (§3.1: the client must check them all); RCPT replies count only after an
+    accepted MAIL, as the sequential path would not have sent them."""
+    utf8 = envelope.smtputf8
+    stage = Stage.MAIL
+    try:
+        lines = [path_command(b"MAIL FROM:", envelope.mail_from, mail_options(session, envelope, len(content)), utf8)]
+        lines += [path_command(b"RCPT TO:", r.address, rcpt_options(session, r), utf8) for r in recipients]
+        lines.append(b"DATA\r\n")
+        session.write_group(lines)
+        t.mail = await session.reply(what="reply to MAIL FROM")
+        if not _ok(t.mail):
+            await _drain(session, len(recipients) + 1)
+            return
+        stage = Stage.RCPT
+        for i in range(len(recipients)):
+            t.rcpt[i] = await session.reply(what="reply to RCPT TO")
+        stage = Stage.DATA
+        go = await session.reply(what="reply to DATA")
+        if not t.any_accepted:
+            if go.code == 354:       # §3.1: DATA taken with no recipient: end it with an empty message
+                session.write(b".\r\n")
+                await _drain(session, 1)
+            return
+        t.data = await session.content(content) if go.code == 354 else go
+    except Exception as e:
+        t.error, t.error_stage = e, stage
 
-class _AioSession:
-    def __init__(self, smtp: aiosmtplib.SMTP, target: Target, command_timeout: float):
-        self.smtp = smtp
-        self.target = target
-        self.timeout = command_timeout
 
-    @property
-    def tls(self) -> bool:
-        return self.smtp.get_transport_info("sslcontext") is not None
+async def _drain(session, n: int) -> None:
+    """Read N replies the transaction no longer needs (the session is not kept: its
+    transaction did not end in a 2xx to the content); a break here changes nothing."""
+    try:
+        for _ in range(n):
+            await session.reply(what="reply to a pipelined command")
+    except Exception:
+        pass
 
-    async def _reply(self, coro) -> SmtpReply:
-        try:
-            r = await coro
-            return SmtpReply(r.code, flatten(r.message))
-        except aiosmtplib.SMTPResponseException as e:
-            # A refusal is an answer, not an error: keep it as a reply.
-            return SmtpReply(e.code, flatten(e.message))
 
-    async def ehlo(self) -> SmtpReply:
-        return await self._reply(self.smtp.ehlo(timeout=self.timeout))
-
-    async def helo(self) -> SmtpReply:
-        return await self._reply(self.smtp.helo(timeout=self.timeout))
-
-    def supports(self, extension: str) -> bool:
-        return self.smtp.supports_extension(extension)
-
-    async def starttls(self) -> SmtpReply:
-        return await self._reply(self.smtp.starttls(server_hostname=self.target.host, validate_certs=False,
-                                                    timeout=self.timeout))
-
-    async def _path_command(self, verb: bytes, prefix: bytes, address: str, options: Sequence[str],
-                            utf8: bool) -> SmtpReply:
-        """MAIL FROM:<a> / RCPT TO:<b> with the address as ingress parsed and stored it.
-        aiosmtplib's mail()/rcpt() would re-parse it with email.utils.parseaddr (a header
-        parser, not RFC 5321's: it can mangle a quoted local part, and cost 3 % of CPU)."""
-        path = b"<" + address.encode("utf-8" if utf8 else "ascii") + b">"
-        r = await self.smtp.execute_command(verb, prefix + path, *(o.encode("ascii") for o in options),
-                                            timeout=self.timeout)
-        return SmtpReply(r.code, flatten(r.message))
-
-    async def mail(self, sender: str, options: Sequence[str], utf8: bool) -> SmtpReply:
-        return await self._path_command(b"MAIL", b"FROM:", sender, options, utf8)
-
-    async def rcpt(self, recipient: str, options: Sequence[str], utf8: bool) -> SmtpReply:
-        return await self._path_command(b"RCPT", b"TO:", recipient, options, utf8)
-
-    async def data(self, content: bytes) -> SmtpReply:
-        return await self._reply(self.smtp.data(content, timeout=self.timeout))
-
-    async def quit(self) -> None:
-        try:
-            if self.smtp.is_connected:
-                await self.smtp.quit(timeout=min(self.timeout, QUIT_TIMEOUT))
-        except Exception:      # the transaction is over; a rude goodbye changes nothing
-            pass
-        finally:
-            self.smtp.close()
-
-    def close(self) -> None:
-        try:
-            self.smtp.close()
-        except Exception:
-            pass
-
+# ---- the real connector's socket (connection.py) -----------------------------------
 
 def bound_socket(address: str) -> socket.socket:
     """A non-blocking TCP socket bound to ``(address, 0)``; SourceBindError if it cannot be."""
@@ -455,36 +451,6 @@ def bound_socket(address: str) -> socket.socket:
         sock.close()
         raise SourceBindError(address, e) from e
     return sock
-
-
-class AiosmtplibConnector:
-    """Connections through aiosmtplib, bound to the source address, with its EHLO name."""
-
-    async def connect(self, target: Target, port: int, source: Source, *, connect_timeout: float,
-                      command_timeout: float) -> tuple[Session, SmtpReply]:
-        sock = bound_socket(source.address)
-        try:
-            try:
-                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (target.address, port)),
-                                       timeout=connect_timeout)
-            except TimeoutError:
-                raise TimeoutError(f"no connection within {connect_timeout:g}s") from None
-            smtp = aiosmtplib.SMTP(hostname=target.address, local_hostname=source.ehlo, sock=sock,
-                                   timeout=command_timeout, start_tls=False, validate_certs=False)
-        except BaseException:
-            sock.close()
-            raise
-        session = _AioSession(smtp, target, command_timeout)
-        try:
-            r = await smtp.connect(timeout=connect_timeout)
-        except aiosmtplib.SMTPConnectResponseError as e:
-            # The server answered, with a refusal: that is its greeting.
-            return session, SmtpReply(e.code, flatten(e.message))
-        except BaseException:
-            smtp.close()               # aiosmtplib has closed its transport; this is for the socket
-            sock.close()
-            raise
-        return session, SmtpReply(r.code, flatten(r.message))
 
 
 # ---- a connector made of a function, for tests -----------------------------------

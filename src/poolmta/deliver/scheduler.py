@@ -85,7 +85,8 @@ from ..spool import schedule
 from ..trace import EventKind
 from . import client, mx, outcome
 from .cache import SessionCache
-from .client import AiosmtplibConnector, Connector
+from .client import Connector
+from .connection import SmtpConnector
 from .outcome import Deferred, Delivered, Failed, Outcome
 
 log = logging.getLogger("poolmta.deliver")
@@ -140,7 +141,7 @@ class Scheduler:
                  rng: random.Random | None = None):
         self.spool, self.pipeline, self.resolver = spool, pipeline, resolver
         self.pools, self.cfg, self.trace, self.clock, self.hostname = dict(pools), cfg, trace, clock, hostname
-        self.connector: Connector = connector or AiosmtplibConnector()
+        self.connector: Connector = connector or SmtpConnector()
         self.sessions = SessionCache(cfg.connection_cache_time, cfg.connection_reuse_limit)
         self.rng = rng or random.Random()
         self._inflight: dict[Key, asyncio.Task] = {}

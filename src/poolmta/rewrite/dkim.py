@@ -89,6 +89,39 @@ def _compress_whitespace(content: bytes) -> bytes:
     return _WSP_TO_COMPRESS.sub(b" ", content)
 
 
+_HEADER_NAME = re.compile(rb"([\x21-\x7e]+?):")
+
+
+def _rfc822_parse(message: bytes):
+    """dkimpy's rfc822_parse, the same result for the same input, without splitting the
+    body into lines and joining them again when its line ends are CRLF already (every
+    message from our spool): dkimpy's version cost 40 % of signing a 4 KB message and
+    grows with the body. Anything with a bare LF goes to dkimpy's own."""
+    if not message or message.count(b"\n") != message.count(b"\r\n"):
+        return _dkimpy_rfc822_parse(message)
+    if message.startswith(b"\r\n"):
+        return [], message[2:]
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        head, body = (message[:-2] if message.endswith(b"\r\n") else message), b""
+    else:
+        head, body = message[:end], message[end + 4:]
+    headers: list[list[bytes]] = []
+    for line in head.split(b"\r\n"):
+        if line[0] in (0x09, 0x20):
+            headers[-1][1] += line + b"\r\n"
+            continue
+        m = _HEADER_NAME.match(line)
+        if m is not None:
+            headers.append([m.group(1), line[m.end(0):] + b"\r\n"])
+        elif not line.startswith(b"From "):
+            raise dkimpy.MessageFormatError("Unexpected characters in RFC822 header: %s" % line)
+    return headers, body
+
+
+_dkimpy_rfc822_parse = dkimpy.rfc822_parse
+
+
 def _install_faster_canonicalization() -> None:
     """Put the two functions above in place of dkimpy's (relaxed canonicalization, for
     signing and verifying alike); same output, byte for byte (tests/unit/test_dkim_sign.py
@@ -107,6 +140,7 @@ def _install_faster_canonicalization() -> None:
         # DKIM.sign parses the PEM private key (pure-Python ASN.1) at every signature:
         # 27 % of signing a 4 KB message. The parse is a pure function of the key's
         # bytes and its result is only read, so parse each key once.
+        dkimpy.rfc822_parse = _rfc822_parse
         if not hasattr(dkimpy.parse_pem_private_key, "cache_info"):
             dkimpy.parse_pem_private_key = functools.lru_cache(maxsize=64)(dkimpy.parse_pem_private_key)
 

@@ -65,17 +65,27 @@ class Gateway:
         self.pipeline.on_refused = self.scheduler.sweep_dsns_soon
         self.ingress = IngressServer(cfg, self.directory, self.pipeline, self.clock, self.srs, self.limits,
                                      reuse_port=workers > 1)
+        self.worker = worker
+        self._purger: asyncio.Task | None = None
 
     async def start(self) -> None:
         if hasattr(self.state, "ping"):
             await self.state.ping()          # fail at start-up, not at the first message, when Redis is down
         await self.scheduler.start()
         await self.ingress.start()
+        if self.worker == 0 and self.cfg.server.history_retention > 0:
+            from .spool.retention import purge_history
+            self._purger = asyncio.create_task(purge_history(self.spool, self.clock,
+                                                             self.cfg.server.history_retention),
+                                               name="poolmta-purge")
         log.info("poolmta listening on %s (port %s), pools: %s", self.cfg.server.listen, self.ingress.port,
                  ", ".join(f"{n}({p.role})={','.join(s.address for s in p.sources)}"
                            for n, p in self.cfg.pool_objects().items()))
 
     async def stop(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
         await self.ingress.stop()
         await self.scheduler.stop()
         self.trace.flush()

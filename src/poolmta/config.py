@@ -174,6 +174,11 @@ class ServerConfig:
         "Offer AUTH without TLS to clients connecting from a loopback address (testing, local submission)."))
     timeout: float = field(default=300.0, metadata=_doc(
         "Idle timeout of an SMTP session.", parse=parse_duration))
+    history_retention: float = field(default=7 * 86400.0, metadata=_doc(
+        "How long a finished message's envelope, recipient results and trace stay in the spool for `poolmta trace` "
+        "and `queue show`, counted from when it was received (its body goes as soon as it is finished); "
+        "then they are purged, a few hundred at a time, every minute. 0 = kept for ever (the spool grows "
+        "without bound).", parse=parse_duration))
     workers: int = field(default=0, metadata=_doc(
         "Worker processes that take and deliver mail (Postfix runs many smtpd and smtp processes too): they share "
         "the listen port (SO_REUSEPORT) and the spool, and each delivers the mail it accepted. 0 = one per CPU, "

@@ -274,3 +274,41 @@ async def test_a_deep_queue_is_not_scanned_by_the_delivery_loop(tmp_path):
             assert len(steps) < 100, len(steps)
         finally:
             await spool.close()
+
+
+async def test_purge_forgets_old_finished_messages_and_their_trace_only(tmp_path):
+    """server.history_retention: finished messages received before the cut go with their
+    recipients, body and trace; a message still pending, one still owed a DSN, and one
+    received after the cut stay, whatever their age. Trace events of no message go
+    once old; recent ones stay. Batches of LIMIT."""
+    spool = SQLiteSpool(tmp_path)
+    try:
+        done = [message(1, now=1000.0 + i) for i in range(5)]
+        pending, owed, recent = message(1, now=1000.0), message(1, now=1000.0), message(1, now=9000.0)
+        for m in (*done, pending, owed, recent):
+            await spool.accept(m, FACTS, DECISION)
+        for m in (*done, recent):
+            await spool.update(m.queue_id, [RecipientUpdate(0, RecipientState.DELIVERED, 0, "250 ok", "2.0.0", "mx")],
+                               2000.0)
+        await spool.update(owed.queue_id, [RecipientUpdate(0, RecipientState.BOUNCED, 0, "550 no", "5.1.1", "mx")],
+                           2000.0)
+        con = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+        rows = [(m.queue_id, m.received_at, "received", "{}") for m in (*done, pending, owed, recent)]
+        rows += [("refused-at-data-1", 1500.0, "received", "{}"), ("sender:eve@contoso.test", 9500.0, "released", "{}")]
+        con.executemany("INSERT INTO events(queue_id, ts, kind, data) VALUES(?,?,?,?)", rows)
+
+        def ids(table):
+            return {r[0] for r in con.execute(f"SELECT queue_id FROM {table}")}
+        assert await spool.purge(5000.0, limit=3) == 3                   # the 3 oldest finished
+        assert await spool.purge(5000.0, limit=3) == 2
+        assert await spool.purge(5000.0, limit=3) == 0
+        kept = {pending.queue_id, owed.queue_id, recent.queue_id}
+        assert ids("messages") == kept and ids("recipients") == kept
+        assert ids("bodies") == {pending.queue_id, owed.queue_id}        # recent's body went when it finished
+        assert ids("events") == kept | {"sender:eve@contoso.test"}        # the old orphan went, the recent stayed
+        await spool.mark_dsn_sent(owed.queue_id, [0])                      # its DSN made: now it may go
+        assert await spool.purge(5000.0) == 1 and owed.queue_id not in ids("messages")
+        assert (await spool.get(pending.queue_id)).message.content == pending.content      # untouched
+        con.close()
+    finally:
+        await spool.close()

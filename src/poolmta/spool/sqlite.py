@@ -11,7 +11,8 @@ thread; WAL lets them run while the writer commits.
 The body sits in its own table, written once; recipients carry the state
 that changes after every attempt. When a message has no pending recipient
 left, and no DSN is still owed for a bounced or expired recipient, its body
-is dropped; the envelope, recipient results and trace stay.
+is dropped; the envelope, recipient results and trace stay until the history
+retention (server.history_retention) has passed since it was received.
 
 Several worker processes may share the file (``server.workers``): each
 writes under SQLite's write lock with its own group commit, and each delivers
@@ -37,6 +38,9 @@ Operations a caller may rely on:
   body goes unless a DSN is still owed; it returns how many recipients were
   dropped (0: nothing was pending). The message row, the recipients' history
   and the trace stay, so ``poolmta trace`` can still tell the story;
+- ``purge(before, limit)`` forgets finished messages received before
+  ``before`` (server.history_retention, spool/retention.py): row, recipients,
+  trace; never one with a recipient pending or a DSN owed;
 - ``retry(queue_id | None, now)`` makes pending recipients due now and
   returns how many;
 - ``list(limit)`` gives the messages with pending recipients, oldest first,
@@ -137,6 +141,8 @@ def _migrate(con: sqlite3.Connection) -> None:
     cols = {r[1] for r in con.execute("PRAGMA table_info(recipients)")}
     if "shard" not in cols:
         con.execute("ALTER TABLE recipients ADD COLUMN shard INTEGER NOT NULL DEFAULT 0")
+    # The finished messages, oldest first, for purge() (the history retention).
+    con.execute("CREATE INDEX IF NOT EXISTS messages_finished ON messages(received_at) WHERE pending = 0")
     # Each worker's next due time in O(log n) however deep the other shards are.
     con.execute("CREATE INDEX IF NOT EXISTS recipients_due_shard ON recipients(shard, next_attempt)"
                 " WHERE state IN ('queued', 'deferred')")
@@ -261,6 +267,7 @@ class SQLiteSpool:
         self._writer.start()
         self._reader = _connect(self.path)
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-reader")
+        self._purge_cursor = 0          # purge(): the trace event id to look on from
         self._closed = False
 
     # -- plumbing --------------------------------------------------------
@@ -455,6 +462,36 @@ class SQLiteSpool:
             con.execute("DELETE FROM bodies WHERE queue_id=? AND NOT EXISTS (SELECT 1 FROM recipients WHERE queue_id=?"
                         " AND state IN ('bounced','expired') AND dsn_sent=0)", (queue_id, queue_id))
             return n
+        return await self._write(op)
+
+    async def purge(self, before: float, limit: int = 500) -> int:
+        """Forget up to LIMIT finished messages received before BEFORE (oldest first):
+        their row, recipients' results, body and trace events. A message with a
+        recipient still pending, or a DSN still owed, is never taken. Then trace
+        events older than BEFORE that belong to no message (transactions refused at
+        DATA, audit events of senders), up to LIMIT * 10 of them. Returns how many
+        messages went. One short transaction in the group commit (readers and the
+        other workers wait for it, so it is kept small: call it again while it
+        returns LIMIT)."""
+        def op(con: sqlite3.Connection) -> int:
+            qids = [(q,) for (q,) in con.execute(
+                "SELECT queue_id FROM messages m WHERE pending = 0 AND received_at < ? AND NOT EXISTS"
+                " (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND state IN ('bounced','expired')"
+                " AND dsn_sent = 0) ORDER BY received_at LIMIT ?", (before, limit))]
+            for table in ("events", "recipients", "bodies", "messages"):
+                con.executemany(f"DELETE FROM {table} WHERE queue_id = ?", qids)
+            # Events of no message: walk them by id (ids grow with time), a bounded run at a time.
+            row = con.execute("SELECT MIN(id) FROM events WHERE id >= ?", (self._purge_cursor,)).fetchone()
+            lo = row[0]
+            if lo is not None:
+                hi = lo + limit * 10
+                con.execute("DELETE FROM events WHERE id >= ? AND id < ? AND ts < ? AND NOT EXISTS"
+                            " (SELECT 1 FROM messages m WHERE m.queue_id = events.queue_id)", (lo, hi, before))
+                newer = con.execute("SELECT 1 FROM events WHERE id >= ? AND id < ? AND ts >= ? LIMIT 1",
+                                    (lo, hi, before)).fetchone()
+                # Past the retention's edge: start from the same place next time.
+                self._purge_cursor = lo if newer else hi
+            return len(qids)
         return await self._write(op)
 
     async def close(self) -> None:

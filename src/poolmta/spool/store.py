@@ -133,6 +133,10 @@ class Spool(Protocol):
         for a bounced or expired recipient; return how many recipients were
         dropped (0 if none was pending). History and trace stay."""
 
+    async def purge(self, before: float, limit: int = 500) -> int:
+        """Forget up to ``limit`` finished messages (nothing pending, no DSN owed)
+        received before ``before``, with their trace; return how many."""
+
     async def close(self) -> None: ...
 
 

@@ -57,7 +57,9 @@ def test_spf_pass_forward_stays_normal_with_srs(world):
 
 
 def test_our_arc_seal_verifies(world):
-    m = arrived_for(world, "contoso-info@partner.test", "spf pass")
+    world.send(message("someone@external.test", "arc verifies"), "someone@external.test", ["info@contoso.test"],
+               client_ip="127.0.0.51")
+    m = arrived_for(world, "contoso-info@partner.test", "arc verifies")
     cv, results, reason = dkim.arc_verify(m.content, dnsfunc=zone_dnsfunc(world))
     assert cv == b"pass", reason
 

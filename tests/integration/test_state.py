@@ -492,6 +492,47 @@ async def test_sqlite_window_cost_does_not_grow_with_the_events_in_it(tmp_path):
         await s.close()
 
 
+async def test_sqlite_window_cost_does_not_grow_with_the_sending_rate(tmp_path):
+    """A sender at 500 messages a second: a per-minute window holds 30 000 events, and
+    an add still sums buckets (seconds, minutes, hours) and at most a second of rows."""
+    s = SQLiteState(tmp_path / "state.db")
+    try:
+        for i in range(60):                              # 60 one-second batches of 500
+            base = T0 - 60 + i
+            await s.add_many([("dense", 1, base - 60)] * 500, base)
+        steps = []
+        s._con.set_progress_handler(lambda: steps.append(1), 1000)
+        assert await s.add("dense", 1, T0 + 0.5, T0 + 0.5 - 60) == (29_500, 29_501)
+        assert len(steps) < 30, len(steps)               # summing the rows is hundreds of thousands
+        s._con.set_progress_handler(None, 0)
+        assert await s.count("dense", T0 + 0.5, T0 - 120) == 30_001       # nothing lost at the edges
+        assert await s.count("dense", T0 + 0.5, T0 - 30.5) == 30 * 500 + 1
+    finally:
+        await s.close()
+
+
+async def test_sqlite_second_buckets_are_filled_in_an_older_file(tmp_path):
+    """A state file with minute and hour buckets only (before the second buckets): opened,
+    its events get second buckets too, and windows sum as before."""
+    s = SQLiteState(tmp_path / "state.db")
+    for i in range(100):
+        await s.add("old", 1, T0 - 50 + i * 0.25, T0 - DAY)
+    await s.close()
+    con = sqlite3.connect(tmp_path / "state.db")
+    con.execute("DELETE FROM buckets WHERE size=1.0")
+    con.commit()
+    con.close()
+    s = SQLiteState(tmp_path / "state.db")
+    try:
+        assert await s.count("old", T0, T0 - 40.1) == 100 - 40       # ts > T0 - 40.1: i >= 40
+        con = sqlite3.connect(tmp_path / "state.db")
+        assert con.execute("SELECT SUM(amount), COUNT(*) FROM buckets WHERE key='old' AND size=1.0").fetchone() \
+            == (100, 25)
+        con.close()
+    finally:
+        await s.close()
+
+
 async def test_sqlite_state_survives_reopening(tmp_path):
     s = SQLiteState(tmp_path / "state.db")
     await s.add("k", 7, T0, T0 - HOUR)

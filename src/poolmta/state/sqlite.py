@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS events(
 CREATE INDEX IF NOT EXISTS events_window ON events(key, ts, amount);     -- covers the sums
 CREATE TABLE IF NOT EXISTS buckets(
     key    TEXT NOT NULL,
-    size   REAL NOT NULL,               -- 60 or 3600 seconds
+    size   REAL NOT NULL,               -- 1, 60 or 3600 seconds
     start  REAL NOT NULL,               -- a multiple of size
     amount INTEGER NOT NULL,
     PRIMARY KEY(key, size, start)
@@ -108,7 +108,8 @@ def _connect(path: str) -> sqlite3.Connection:
     return con
 
 
-MINUTE, HOUR = 60.0, 3600.0
+SECOND, MINUTE, HOUR = 1.0, 60.0, 3600.0
+BUCKET_SIZES = (SECOND, MINUTE, HOUR)
 
 
 def _after(t: float, size: float) -> float:
@@ -117,21 +118,24 @@ def _after(t: float, size: float) -> float:
 
 
 def _window_sum(con: sqlite3.Connection, key: str, since: float) -> int:
-    """Sum of the key's events with ts > since, in O(events of one minute), not of the window:
-    the raw events up to the next whole minute, then whole minutes up to the next whole
-    hour, then whole hours (the buckets hold every event from their start on, so the
-    open upper edge, events stamped after now, is covered too)."""
-    m0, h0 = _after(since, MINUTE), _after(since, HOUR)
+    """Sum of the key's events with ts > since, in O(events of one second), not of the
+    window: the raw events up to the next whole second, then whole seconds up to the next
+    whole minute, whole minutes up to the next whole hour, then whole hours (the buckets
+    hold every event from their start on, so the open upper edge, events stamped after
+    now, is covered too). Second buckets matter for a sender at hundreds of messages a
+    second: a minute of its raw events is thousands of rows to sum at every message."""
+    s0, m0, h0 = _after(since, SECOND), _after(since, MINUTE), _after(since, HOUR)
     return con.execute(
         "SELECT (SELECT COALESCE(SUM(amount), 0) FROM events WHERE key=?1 AND ts>?2 AND ts<?3)"
-        " + (SELECT COALESCE(SUM(amount), 0) FROM buckets WHERE key=?1 AND size=60.0 AND start>=?3 AND start<?4)"
-        " + (SELECT COALESCE(SUM(amount), 0) FROM buckets WHERE key=?1 AND size=3600.0 AND start>=?4)",
-        (key, since, m0, h0)).fetchone()[0]
+        " + (SELECT COALESCE(SUM(amount), 0) FROM buckets WHERE key=?1 AND size=1.0 AND start>=?3 AND start<?4)"
+        " + (SELECT COALESCE(SUM(amount), 0) FROM buckets WHERE key=?1 AND size=60.0 AND start>=?4 AND start<?5)"
+        " + (SELECT COALESCE(SUM(amount), 0) FROM buckets WHERE key=?1 AND size=3600.0 AND start>=?5)",
+        (key, since, s0, m0, h0)).fetchone()[0]
 
 
 def _record(con: sqlite3.Connection, key: str, ts: float, amount: int) -> None:
     con.execute("INSERT INTO events(key, ts, amount) VALUES(?,?,?)", (key, ts, amount))
-    for size in (MINUTE, HOUR):
+    for size in BUCKET_SIZES:
         con.execute("INSERT INTO buckets(key, size, start, amount) VALUES(?,?,?,?)"
                     " ON CONFLICT(key, size, start) DO UPDATE SET amount = amount + excluded.amount",
                     (key, size, math.floor(ts / size) * size, amount))
@@ -142,7 +146,7 @@ def _prune(con: sqlite3.Connection, key: str, cutoff: float) -> None:
     the events still kept in its span: a bucket that straddles CUTOFF loses what is
     pruned from it, those wholly before it go. So any window sums exactly what a
     scan of the kept events would."""
-    for size in (MINUTE, HOUR):
+    for size in BUCKET_SIZES:
         b = math.floor(cutoff / size) * size
         if b < cutoff:
             con.execute("UPDATE buckets SET amount = amount - (SELECT COALESCE(SUM(amount), 0) FROM events"
@@ -153,9 +157,10 @@ def _prune(con: sqlite3.Connection, key: str, cutoff: float) -> None:
 
 
 def _fill_buckets(con: sqlite3.Connection) -> None:
-    """A state file from before the buckets: sum its events into them once."""
-    if con.execute("SELECT 1 FROM buckets LIMIT 1").fetchone() is None:
-        for size in (MINUTE, HOUR):
+    """A state file from before the buckets (or before one of their sizes): sum its
+    events into those of each missing size once."""
+    for size in BUCKET_SIZES:
+        if con.execute("SELECT 1 FROM buckets WHERE size=? LIMIT 1", (size,)).fetchone() is None:
             con.execute("INSERT INTO buckets(key, size, start, amount)"
                         " SELECT key, ?1, CAST(ts / ?1 AS INTEGER) * ?1, SUM(amount)"
                         " FROM events GROUP BY 1, 2, 3", (size,))

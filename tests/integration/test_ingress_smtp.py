@@ -210,6 +210,22 @@ async def test_greeting_and_ehlo_keywords_plaintext_auth_on_loopback(gw):
     await c.close()
 
 
+async def test_a_multi_line_reply_is_written_at_once(gw):
+    """The EHLO reply's lines leave in one write, not one each; single-line replies
+    and the line order are unchanged."""
+    c = await Raw.open(gw.port)
+    (proto,) = gw.sessions
+    writes = []
+    real = proto._writer.write
+    proto._writer.write = lambda data: (writes.append(data), real(data))[1]
+    code, text = await c.cmd("EHLO again.test")
+    assert code == 250 and text.split("\n") == c.ehlo[1].split("\n")
+    assert len(writes) == 1 and writes[0].count(b"\r\n") == len(text.split("\n")) >= 6, writes
+    assert writes[0].startswith(b"250-gw.test\r\n") and writes[0].endswith(b"\r\n")
+    assert status(await c.cmd("NOOP")) == (250, "2.0.0") and len(writes) == 2
+    await c.close()
+
+
 async def test_no_auth_offered_in_clear_without_the_loopback_setting():
     cfg = make_config(auth_plaintext_loopback=False)
     server = IngressServer(cfg, Directory(cfg), RecordingPipeline(), FakeClock())

@@ -533,6 +533,30 @@ async def test_sqlite_second_buckets_are_filled_in_an_older_file(tmp_path):
         await s.close()
 
 
+async def test_sqlite_adds_never_checkpoint_the_wal_themselves(tmp_path):
+    """The adds' connection leaves checkpoints to a thread of their own (an automatic
+    one, inside the commit that crosses 1000 WAL pages, made that add 10 ms); the thread
+    does them, and what the adds wrote is in the database file afterwards."""
+    s = SQLiteState(tmp_path / "state.db", checkpoint_every=0.05)
+    try:
+        assert s._con.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        for i in range(200):
+            await s.add_many([(f"k{j}", 1, T0 - 60) for j in range(5)], T0 + i * 0.01)
+        for _ in range(100):
+            if s._checkpointer.checkpoints:
+                break
+            await asyncio.sleep(0.05)
+        assert s._checkpointer.checkpoints >= 1
+    finally:
+        await s.close()
+    assert not s._checkpointer.is_alive()
+    s = SQLiteState(tmp_path / "state.db")
+    try:
+        assert await s.count("k4", T0 + 2, T0 - 60) == 200
+    finally:
+        await s.close()
+
+
 async def test_sqlite_state_survives_reopening(tmp_path):
     s = SQLiteState(tmp_path / "state.db")
     await s.add("k", 7, T0, T0 - HOUR)
@@ -569,7 +593,8 @@ async def test_redis_keys_live_under_the_prefix_and_expire(redis_prefix):
         (member,) = await raw.zrange(f"{p}w:k", 0, -1)
         ts, uid, amount = member.split(":")
         assert float(ts) == T0 and len(uid) == 32 and amount == "2"
-        assert await raw.hgetall(f"{p}b:k") == {f"3600:{int(T0 // 3600)}": "2", f"60:{int(T0 // 60)}": "2"}
+        assert await raw.hgetall(f"{p}b:k") == {f"3600:{int(T0 // 3600)}": "2", f"60:{int(T0 // 60)}": "2",
+                                                f"1:{int(T0)}": "2", "sizes": "3600,60,1"}
         # A restriction hash that expired leaves the index at the next listing.
         await raw.delete(f"{p}r:user:timed@contoso.test")
         assert [r.sender for r in await s.restrictions(D + 20)] == ["forever@contoso.test"]
@@ -593,12 +618,39 @@ async def test_redis_buckets_always_match_the_sorted_set(redis_prefix):
         members = await raw.zrange(f"{redis_prefix}w:inv", 0, -1, withscores=True)
         want: dict[str, int] = {}
         for m, ts in members:
-            for size in (3600, 60):
+            for size in (3600, 60, 1):
                 f = f"{size}:{math.floor(ts / size)}"
                 want[f] = want.get(f, 0) + int(m.rsplit(":", 1)[1])
-        got = {k: int(v) for k, v in (await raw.hgetall(f"{redis_prefix}b:inv")).items()}
+        got = {k: int(v) for k, v in (await raw.hgetall(f"{redis_prefix}b:inv")).items() if k != "sizes"}
         assert got == want
         assert min(ts for _, ts in members) >= min(since, now - 25 * HOUR)     # the last add pruned
+    finally:
+        await raw.aclose()
+        await s.close()
+
+
+async def test_redis_second_buckets_are_filled_in_an_older_hash(redis_prefix):
+    """A bucket hash from before the second buckets (hours and minutes only, no "sizes"
+    mark): its next window fills them from the sorted set, once, and sums as before, to
+    the exact edge inside a second."""
+    s = RedisState(REDIS_URL, redis_prefix)
+    raw = aioredis.from_url(REDIS_URL, decode_responses=True)
+    key = f"{redis_prefix}b:old"
+    try:
+        for i in range(100):
+            await s.add("old", 1, T0 - 50 + i * 0.25, T0 - DAY)
+        seconds = [f for f in await raw.hkeys(key) if f.startswith("1:")]
+        assert len(seconds) == 25
+        await raw.hdel(key, "sizes", *seconds)
+        assert await s.count("old", T0, T0 - 40.1) == 100 - 40            # ts > T0 - 40.1: i >= 40
+        assert await s.count("old", T0, T0 - 40.0) == 100 - 41            # ts == T0 - 40 is out
+        fields = await raw.hgetall(key)
+        assert fields["sizes"] == "3600,60,1"
+        assert sum(int(v) for f, v in fields.items() if f.startswith("1:")) == 100
+        await s.add("old", 1, T0 + 1, T0 - DAY)                           # not filled twice
+        fields = await raw.hgetall(key)
+        assert sum(int(v) for f, v in fields.items() if f.startswith("1:")) == 101
+        assert await s.count("old", T0 + 1, T0 - 40.1) == 61
     finally:
         await raw.aclose()
         await s.close()

@@ -9,9 +9,11 @@ import datetime
 import math
 import os
 import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +50,21 @@ def git_version() -> str:
     return head + (" + uncommitted changes in src/" if dirty else "")
 
 
+def interpreter() -> str:
+    """Which CPython runs poolmta, and how it was built: the same code runs ~20 % faster
+    per message on a distribution's PGO/LTO build than on a plain `./configure` one."""
+    args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+    built = ("PGO" if "--enable-optimizations" in args else "no PGO") + \
+        (", LTO" if "--with-lto" in args else ", no LTO")
+    return f"{sys.executable} ({built})"
+
+
 def command_line() -> str:
-    """The command as it was typed (interpreter included), e.g. through bench/run.py."""
+    """The command as it was typed (interpreter included), e.g. through bench/run.py; the
+    interpreter by its name when it is the one on PATH, else by its path."""
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
-    argv[0] = os.path.basename(argv[0])
+    if shutil.which(os.path.basename(argv[0])) == argv[0] or not os.path.isabs(argv[0]):
+        argv[0] = os.path.basename(argv[0])
     return " ".join(shlex.quote(a) for a in argv)
 
 
@@ -65,6 +78,7 @@ def header(title: str) -> str:
         f"| date | {today} |",
         f"| machine | {_nproc()} cores (nproc), {_meminfo_gib()} memory (MemTotal) |",
         f"| versions | Python {sys.version.split()[0]}, poolmta {git_version()}, SQLite {sqlite3.sqlite_version} |",
+        f"| interpreter | {interpreter()} |",
         f"| load average at start | {Path('/proc/loadavg').read_text().split()[0]} (1 min; other work on the machine) |",
         f"| command | `{command_line()}` |",
         "",

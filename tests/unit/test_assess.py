@@ -45,6 +45,40 @@ async def test_dsn_multipart_report_from_real_bounces(name):
     assert (f.is_dsn, f.why) == (True, "multipart-report")
 
 
+def _dsn_by_the_parser(content: bytes) -> bool:
+    """What dsn.check answered before its byte test: the email package's reading."""
+    h = dsn._parse_headers(dsn.header_block(content))
+    rt = h.get_param("report-type") or ""
+    return h.get_content_type() == "multipart/report" and isinstance(rt, str) and rt.lower() == "delivery-status"
+
+
+_REPORT_EDGES = [
+    b"Content-Type: MULTIPART/Report; Report-Type=Delivery-Status\r\n\r\nx\r\n",
+    b"content-type:multipart/report;report-type=delivery-status\r\n\r\nx\r\n",
+    b"Content-Type: multipart/\r\n report; report-type=delivery-status\r\n\r\nx\r\n",
+    b"Content-Type: multipart / report; report-type=delivery-status\r\n\r\nx\r\n",
+    b"Content-Type:\r\n multipart/report;\r\n report-type=delivery-status\r\n\r\nx\r\n",
+    b"Content-Type: multipart/report; report-type=disposition-notification\r\n\r\nx\r\n",
+    b"Subject: multipart/report\r\nContent-Type: text/plain\r\n\r\nx\r\n",
+    b"Content-Type: text/plain\r\n\r\nmultipart/report; report-type=delivery-status\r\n",
+    b"Content-Type: multipart/report; report-type=delivery-status\n\nbare LF\n",
+]
+
+
+async def test_dsn_byte_test_agrees_with_the_parser():
+    """The check skips parsing the header section when "multipart/report" is not in it:
+    the same verdict as the parser's on every corpus message and on case, fold and
+    spacing edges."""
+    contents = [crlf(p) for p in sorted(DATA.parent.rglob("*.eml"))] + _REPORT_EDGES
+    assert len(contents) > 40
+    dsns = 0
+    for content in contents:
+        got = (await dsn.check(msg(mail_from="postmaster@example.org", content=content))).is_dsn
+        assert got == _dsn_by_the_parser(content), content[:200]
+        dsns += got
+    assert dsns >= 5                     # three real bounces and two edges
+
+
 async def test_ham_is_not_dsn_nor_spam():
     for p in (DATA / "ham").glob("*.eml"):
         m = msg(content=crlf(p))

@@ -43,7 +43,13 @@ def _parse_headers(block: bytes) -> EmailMessage:
 async def check(msg: Message, ctx=None) -> DsnFact:
     if msg.envelope.mail_from == "":
         return DsnFact(True, "null-reverse-path")
-    h = headers(msg.content)
+    block = header_block(msg.content)
+    if b"multipart/report" not in block.lower():
+        # The parser below reads the type only from those very bytes (any case, no
+        # space or fold inside): without them it cannot find one, and parsing the
+        # header section costs ~200 µs.
+        return DsnFact(False)
+    h = _parse_headers(block)
     if h.get_content_type() == "multipart/report":
         rt = (h.get_param("report-type") or "")
         if isinstance(rt, str) and rt.lower() == "delivery-status":

@@ -535,24 +535,40 @@ async def test_sqlite_second_buckets_are_filled_in_an_older_file(tmp_path):
 
 async def test_sqlite_adds_never_checkpoint_the_wal_themselves(tmp_path):
     """The adds' connection leaves checkpoints to a thread of their own (an automatic
-    one, inside the commit that crosses 1000 WAL pages, made that add 10 ms); the thread
-    does them, and what the adds wrote is in the database file afterwards."""
+    one, inside the commit that crosses 1000 WAL pages, made that add 10 ms), which
+    copies the WAL while adds go on; then the adds' thread copies the last frames, so
+    that the next add rewinds the WAL: it does not grow for ever under steady adds.
+    What the adds wrote is in the database file afterwards."""
     s = SQLiteState(tmp_path / "state.db", checkpoint_every=0.05)
     try:
         assert s._con.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-        for i in range(200):
+        for i in range(300):                        # adds all along, the checkpoints among them
             await s.add_many([(f"k{j}", 1, T0 - 60) for j in range(5)], T0 + i * 0.01)
-        for _ in range(100):
-            if s._checkpointer.checkpoints:
+            if i % 10 == 0:
+                await asyncio.sleep(0.01)
+        for _ in range(200):
+            if s.checkpoints >= 2:
                 break
-            await asyncio.sleep(0.05)
-        assert s._checkpointer.checkpoints >= 1
+            await s.add_many([("k0", 0, T0 - 60)], T0 + 3)
+            await asyncio.sleep(0.02)
+        assert s.checkpoints >= 2
+        # Adds back to back for a second, the checkpoints among them: the WAL is rewound
+        # again and again, so it holds far fewer frames than the adds wrote (each add
+        # writes several pages; without rewinds the WAL holds them all).
+        adds, start = 0, asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - start < 1.0:
+            await s.add_many([(f"k{j}", 1, T0 - 60) for j in range(5)], T0 + 4)
+            adds += 1
+        other = sqlite3.connect(tmp_path / "state.db", timeout=0)
+        frames = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        other.close()
+        assert adds > 100 and frames < adds, (frames, adds)
     finally:
         await s.close()
     assert not s._checkpointer.is_alive()
     s = SQLiteState(tmp_path / "state.db")
     try:
-        assert await s.count("k4", T0 + 2, T0 - 60) == 200
+        assert await s.count("k4", T0 + 5, T0 - 60) == 300 + adds
     finally:
         await s.close()
 

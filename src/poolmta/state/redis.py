@@ -25,12 +25,15 @@ time per add at 10,000 events, 60 ms at 43,200 (30 messages a minute), with
 every node waiting. So a hash ``PREFIX b:KEY`` keeps the sum per hour
 ("3600:B"), per minute ("60:B") and per second ("1:B"), updated by the same
 script that adds and prunes, and a window is summed as whole hours, then
-whole minutes and whole seconds at its two ends, then the members of the two
-partial seconds: ~0.4 ms whatever the volume. (Partial minutes were summed
-member by member until a sender at 150 msg/s made that thousands of members
-at every add, 17 ms; a hash from before the seconds gets them from its sorted
-set once, marked by the field "sizes".) The buckets only split where the
-window covers them whole, so the boundaries stay as exact as the sorted set.
+whole minutes at its two ends, then whole seconds of the two partial
+minutes, then the members of the two partial seconds: ~0.4 ms whatever the
+volume. (Partial minutes were summed member by member until a sender at 150
+msg/s made that thousands of members at every add, 17 ms.) A partial minute
+is read by its seconds only when they add up to its minute bucket; otherwise
+(events counted before the seconds were kept, or by a node of an older
+version during a rolling upgrade) by its members, as before: exact either
+way, and nothing to convert. The buckets only split where the window covers
+them whole, so the boundaries stay as exact as the sorted set.
 
 Restrictions are hashes ``PREFIX r:KIND:SENDER`` (since, until, reason,
 tenant), listed in the set ``PREFIX r:index`` so that ``restrictions``
@@ -87,7 +90,7 @@ GRACE = 3600.0          # restriction hashes outlive their `until` by this much
 # is {v = number, s = string}: `s` is what ZRANGEBYSCORE gets (the caller's repr,
 # or "%.17g" of a bucket edge, an integer), so no timestamp is ever rounded.
 _WINDOW = """
-local SIZES = {3600, 60, 1}
+local SIZES = {3600, 60}                  -- and seconds inside a partial minute: msum
 
 local function bucket(x, size)            -- the largest b with b*size <= x
   local b = math.floor(x / size)
@@ -113,13 +116,44 @@ local function zsum(lo, lo_in, hi, hi_in)
   return n
 end
 
+-- The events of [lo, hi] (bounds in or out as flagged), a range inside minute M:
+-- its whole seconds from their buckets and the two partial seconds from the sorted
+-- set, when the minute's seconds add up to its minute bucket; else (events counted
+-- without seconds: before they were kept, or by an older node) its members.
+local function msum(m, lo, lo_in, hi, hi_in)
+  local fields = {field(60, m)}
+  for sec = m * 60, m * 60 + 59 do fields[#fields + 1] = field(1, sec) end
+  local vals = redis.call('HMGET', KEYS[2], unpack(fields))
+  local secs = 0
+  for i = 2, 61 do secs = secs + (tonumber(vals[i]) or 0) end
+  if secs ~= (tonumber(vals[1]) or 0) then return zsum(lo, lo_in, hi, hi_in) end
+  local first = bucket(lo.v, 1)
+  if not (lo_in and first == lo.v) then first = first + 1 end
+  local last = bucket(hi.v, 1) - 1
+  if first > last then return zsum(lo, lo_in, hi, hi_in) end
+  local n = 0
+  for sec = first, last do n = n + (tonumber(vals[sec - m * 60 + 2]) or 0) end
+  return n + zsum(lo, lo_in, edge(first), false) + zsum(edge(last + 1), true, hi, hi_in)
+end
+
+-- A range of at most two partial minutes (what the minute level leaves): by minute.
+local function psum(lo, lo_in, hi, hi_in)
+  if lo.v > hi.v then return 0 end
+  local m1, m2 = bucket(lo.v, 60), bucket(hi.v, 60)
+  if m2 == m1 + 1 and hi.v == m2 * 60 and not hi_in then m2 = m1 end     -- ends where m2 starts
+  if m1 == m2 then return msum(m1, lo, lo_in, hi, hi_in) end
+  if m2 ~= m1 + 1 then return zsum(lo, lo_in, hi, hi_in) end
+  local mid = edge(m2 * 60)
+  return msum(m1, lo, lo_in, mid, false) + msum(m2, mid, true, hi, hi_in)
+end
+
 -- Sum of the events with lo < ts (lo <= ts if lo_in) and ts <= hi (ts < hi if
 -- not hi_in): whole buckets of the coarsest size that fit, then the edges on
 -- either side one level finer, the last level from the sorted set itself.
 local function rsum(level, lo, lo_in, hi, hi_in)
   if lo.v > hi.v then return 0 end
   local size = SIZES[level]
-  if not size then return zsum(lo, lo_in, hi, hi_in) end
+  if not size then return psum(lo, lo_in, hi, hi_in) end
   local first = bucket(lo.v, size)
   if not (lo_in and first * size == lo.v) then first = first + 1 end
   local last = bucket(hi.v, size) - 1
@@ -134,16 +168,6 @@ local function rsum(level, lo, lo_in, hi, hi_in)
            + rsum(level + 1, edge((last + 1) * size), true, hi, hi_in)
 end
 
--- A hash from before the second buckets: fill them from the sorted set, once.
-local function upgrade()
-  if redis.call('HSETNX', KEYS[2], 'sizes', '3600,60,1') == 0 then return end
-  local ms = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-  for i = 1, #ms, 2 do
-    redis.call('HINCRBY', KEYS[2], field(1, bucket(tonumber(ms[i + 1]), 1)),
-               tonumber(string.match(ms[i], ':(%d+)$')))
-  end
-end
-
 -- Sum within (since, now], clamped to the events there are (so that a long
 -- window over a short history reads few buckets).
 local function window(since_s, now_s)
@@ -151,7 +175,6 @@ local function window(since_s, now_s)
   local hi, hi_in = {v = tonumber(now_s), s = now_s}, true
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if #first == 0 then return 0 end
-  upgrade()
   local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
   local minv, maxv = tonumber(first[2]), tonumber(last[2])
   if minv > lo.v then lo, lo_in = {v = minv, s = first[2]}, true end
@@ -164,7 +187,7 @@ local function window(since_s, now_s)
 end
 
 local function credit(ts, amount)
-  for _, size in ipairs(SIZES) do
+  for _, size in ipairs({3600, 60, 1}) do
     local f = field(size, bucket(ts, size))
     if redis.call('HINCRBY', KEYS[2], f, amount) <= 0 then
       redis.call('HDEL', KEYS[2], f)
@@ -184,7 +207,6 @@ if #old > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 end
 local before = window(ARGV[2], ARGV[1])
-redis.call('HSETNX', KEYS[2], 'sizes', '3600,60,1')     -- a new hash has every size from its start
 local amount = tonumber(ARGV[5])
 if amount > 0 then
   redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])

@@ -8,6 +8,8 @@ hit what it describes and to leave its honest look-alikes alone.
 
 from __future__ import annotations
 
+import random
+import re
 import time
 from pathlib import Path
 
@@ -242,3 +244,39 @@ def test_plain_text_shortcut_only_where_it_is_exact(head, taken):
     if p is not None:
         assert (p.text, p.types) == _slow(raw)
         assert builtin.parse(raw).urls == [("http://user@203.0.113.9/x", "user@203.0.113.9")]
+
+
+# The two patterns as first written: a \b and re.I at every position (builtin.py
+# spells them so that re skips ahead in C; the matches must not change).
+_URL_AS_WRITTEN = re.compile(r"\bhttps?://([^\s/?#\"'<>\\]+)[^\s\"'<>]*", re.I)
+_NOT_SPAM_AS_WRITTEN = re.compile(
+    r"\b(?:this\s+(?:is\s+not|isn'?t)\s+(?:a\s+)?spam"
+    r"|this\s+(?:e-?mail|message|mail|letter)\s+(?:is\s+not|isn'?t)\s+(?:a\s+)?spam"
+    r"|cannot\s+be\s+considered\s+(?:as\s+)?(?:a\s+)?spam"
+    r"|bill\s+s\.\s?1618)", re.I)
+
+
+def test_fast_patterns_match_what_the_plain_ones_match():
+    """Every link and every not-spam claim found by the patterns as first written, at the
+    same places, in the texts of the corpus and in generated texts full of edges: word
+    characters before the first letter (letters, digits, _, é), other cases, the long s
+    and dotless i that re.I folds, line breaks and no-break spaces inside."""
+    data = Path(__file__).resolve().parents[1] / "data"
+    texts = [builtin.parse(crlf(p)).text for p in sorted(data.rglob("*.eml"))]
+    pieces = ["this is not spam", "This isn't a spam", "THIS EMAIL IS NOT SPAM", "this  \r\n is\tnot\n\nspam",
+              "cannot be considered as a spam", "Bill S. 1618", "bill s.1618", "thiſ is not ſpam", "\u0130",
+              "this is not\u00a0spam", "http://a.example/x", "HTTPS://b@c.example", "hTtP://%41.example",
+              "xhttp://d.example", "_https://e.example", "1http://f.example", "\u00e9http://g.example", "http:/",
+              "https://", "a", " ", "\n", "t", "T", "h", "x", "\u00e9", "_", "1", "-", "."]
+    rng = random.Random(5)
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 14))) for _ in range(4000)]
+    claims = links = 0
+    for text in texts:
+        want = _NOT_SPAM_AS_WRITTEN.search(text)
+        got = builtin._NOT_SPAM.search(text)
+        assert (got and (got.span(), got.group(0))) == (want and (want.span(), want.group(0))), text[:300]
+        want_urls = [(m.span(), m.group(1)) for m in _URL_AS_WRITTEN.finditer(text)]
+        assert [(m.span(), m.group(1)) for m in builtin._URL.finditer(text)] == want_urls, text[:300]
+        claims += want is not None
+        links += len(want_urls)
+    assert claims > 100 and links > 1000

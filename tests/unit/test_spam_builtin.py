@@ -280,3 +280,13 @@ def test_fast_patterns_match_what_the_plain_ones_match():
         claims += want is not None
         links += len(want_urls)
     assert claims > 100 and links > 1000
+
+
+def test_public_ip_spellings():
+    """Links to public addresses in every spelling _public_ip reads; names and private
+    or malformed addresses are not (names are turned away before any pattern)."""
+    yes = ["8.8.8.8", "8.8.8.8.", "134744072", "0x08080808", "0X8080808", "2606:4700::1111", "[2606:4700::1111]"]
+    no = ["192.168.1.1", "3232235777", "0xcb007109", "10.0.0.1", "127.0.0.1", "example.com", "8.8.8.8.example", "0xzz", "", ".",
+          "[::1]", "999.1.1.1", "1234567", "12345678901", "\u0668.\u0668.\u0668.\u0668"]
+    assert [h for h in yes if not builtin._public_ip(builtin._host(h))] == []
+    assert [h for h in no if builtin._public_ip(builtin._host(h))] == []

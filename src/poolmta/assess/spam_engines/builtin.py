@@ -191,16 +191,23 @@ def _host(authority: str) -> str:
     return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
+_DOTTED_QUAD = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
+_DECIMAL_IP = re.compile(r"\d{8,10}")
+_HEX_IP = re.compile(r"0x[0-9a-f]{1,8}")
+
+
 def _public_ip(host: str) -> bool:
     """Is the host an IP literal of a global address? Dotted quads, and the integer and
     hex spellings browsers also accept (http://3232235777/, http://0xCB007109/)."""
     h = host.rstrip(".").lower()
+    if not h or not (h[0].isdecimal() or ":" in h):
+        return False            # a name (most links): none of the spellings below starts so
     try:
-        if re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", h) or ":" in h:
+        if _DOTTED_QUAD.fullmatch(h) or ":" in h:
             ip = ipaddress.ip_address(h)
-        elif re.fullmatch(r"\d{8,10}", h):
+        elif _DECIMAL_IP.fullmatch(h):
             ip = ipaddress.ip_address(int(h))
-        elif re.fullmatch(r"0x[0-9a-f]{1,8}", h):
+        elif _HEX_IP.fullmatch(h):
             ip = ipaddress.ip_address(int(h, 16))
         else:
             return False

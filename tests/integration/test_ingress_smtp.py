@@ -226,6 +226,29 @@ async def test_a_multi_line_reply_is_written_at_once(gw):
     await c.close()
 
 
+async def test_idle_timeout_counts_from_the_last_command():
+    """server.timeout: a session that keeps talking stays, however long; one that goes
+    quiet is closed that long after its last command."""
+    cfg = make_config(timeout=1.0)
+    server = IngressServer(cfg, Directory(cfg), RecordingPipeline(), FakeClock())
+    await server.start()
+    try:
+        c = await Raw.open(server.port)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < 2.0:                  # twice the timeout, a command every 0.25 s
+            assert status(await c.cmd("NOOP")) == (250, "2.0.0")
+            await asyncio.sleep(0.25)
+        last = loop.time()
+        assert status(await c.cmd("NOOP")) == (250, "2.0.0")
+        rest = await asyncio.wait_for(c.reader.read(), 10)  # the server closes: EOF
+        waited = loop.time() - last
+        assert 0.9 <= waited < 5, waited
+        assert b"421" in rest or rest == b"", rest
+    finally:
+        await server.stop()
+
+
 async def test_no_auth_offered_in_clear_without_the_loopback_setting():
     cfg = make_config(auth_plaintext_loopback=False)
     server = IngressServer(cfg, Directory(cfg), RecordingPipeline(), FakeClock())

@@ -264,6 +264,7 @@ class PoolSMTP(SMTP):
         self.idle.set()
         self._greeted = False
         self._continued: list[bytes] = []         # the lines so far of a multi-line reply (push)
+        self._deadline = 0.0                      # of the idle timeout (_reset_timeout)
         self._in_helo = False
         self._auth_failures = 0
 
@@ -311,6 +312,23 @@ class PoolSMTP(SMTP):
             line = b"\r\n".join(self._continued)
             self._continued.clear()
         await super().push(line)
+
+    def _reset_timeout(self, duration: Optional[float] = None) -> None:
+        """The idle timeout starts again. aiosmtpd cancels its timer and arms a new one
+        at every command (1.5 % of the listener's CPU); here the deadline moves, and
+        the one timer, when it fires before it, is armed again for it."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        h = self._timeout_handle
+        if h is None or h.cancelled() or h.when() > self._deadline:
+            if h is not None:
+                h.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+
+    def _timeout_due(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+        else:
+            self._timeout_cb()
 
     # -- commands --------------------------------------------------------------
     @syntax("HELO hostname")

@@ -418,3 +418,20 @@ def test_faster_rfc822_parse_is_dkimpys():
         assert outcome(ours._rfc822_parse, m) == outcome(ours._dkimpy_rfc822_parse, m), m[:200]
         fast += bool(m) and m.count(b"\n") == m.count(b"\r\n")
     assert fast > 2000                               # most took the new path, not dkimpy's
+
+
+def test_header_block_ends_where_the_blank_line_pattern_does():
+    """header_block finds the blank line with bytes.find: the same end as the regex
+    \\r?\\n\\r?\\n on every mix of CR, LF and text up to 13 bytes, and on a real message."""
+    import random as _random
+    from poolmta.rewrite.dkim import _BLANK_LINE, header_block
+
+    def by_regex(content: bytes) -> bytes:
+        m = _BLANK_LINE.search(content)
+        return content[:m.start()] if m else content
+
+    rng = _random.Random(1)
+    samples = [bytes(rng.choice(b"\r\nx:") for _ in range(rng.randrange(0, 14))) for _ in range(100_000)]
+    samples += [b"Subject: a\r\nFrom: b\r\n\r\nbody\n\nmore", b"A: 1\n\r\nbody", b"A: 1\r\n\nbody", b"no blank line"]
+    assert [header_block(c) for c in samples] == [by_regex(c) for c in samples]
+    assert header_block(samples[-4]) == b"Subject: a\r\nFrom: b"

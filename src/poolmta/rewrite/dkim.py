@@ -193,9 +193,17 @@ class _TimedDKIM(dkimpy.DKIM):
 
 
 def header_block(content: bytes) -> bytes:
-    """The header section of a message (without the blank line that ends it)."""
-    m = _BLANK_LINE.search(content)
-    return content[:m.start()] if m else content
+    """The header section of a message (without the blank line that ends it): up to the
+    first match of _BLANK_LINE, found with bytes.find (in C, at memchr speed; the regex
+    tried every position of the header section, three times per message)."""
+    end = content.find(b"\r\n\r\n")
+    limit = len(content) if end < 0 else end + 1
+    for blank in (b"\n\n", b"\r\n\n", b"\n\r\n"):
+        i = content.find(blank, 0, limit + len(blank) - 1)
+        if i >= 0 and (end < 0 or i < end):
+            end = i
+            limit = i + 1
+    return content if end < 0 else content[:end]
 
 
 def header_values(content: bytes, name: str) -> list[str]:
